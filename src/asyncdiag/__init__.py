@@ -1,0 +1,50 @@
+"""asyncdiag: finds the classic asyncio mistakes in running services and streams async
+resource behaviour to OpenTelemetry.
+
+    import asyncdiag
+    asyncdiag.install()
+
+The public API is this module's ``__all__``; everything in underscore modules is private.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+from ._findings import Finding
+from ._lifecycle import Agent, InstallError, install, uninstall
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Agent",
+    "Finding",
+    "InstallError",
+    "__version__",
+    "findings",
+    "install",
+    "instrument",
+    "uninstall",
+]
+
+T = TypeVar("T")
+
+
+def findings() -> list[Finding]:
+    """Every finding so far, folded by kind and location, oldest first."""
+    from ._findings import STORE
+
+    return STORE.snapshot()
+
+
+def instrument(target: T) -> T:
+    """Explicitly instrument one class (async context manager or iterator), async generator
+    function, or ``@asynccontextmanager`` function. Works before or after ``install()``;
+    without an installed agent the object behaves exactly as undecorated."""
+    from ._instrumentation import instrument as _instrument
+
+    return _instrument(target)
+
+
+def __getattr__(name: str) -> Any:
+    raise AttributeError(f"module 'asyncdiag' has no attribute {name!r}")

@@ -1,0 +1,18 @@
+"""PLACEHOLDER: implemented by its own issue."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ._lifecycle import Agent
+
+
+class AsyncgenTracker:
+    name = "asyncgen tracker"
+
+    def start(self, agent: Agent) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
