@@ -1,0 +1,1 @@
+"""PLACEHOLDER: opentelemetry_instrumentor entry point (issue 6)."""

@@ -1,0 +1,1 @@
+"""PLACEHOLDER: pytest plugin (issue 8). Inert until implemented."""
