@@ -11,12 +11,12 @@ def _autostart() -> None:
         from . import _lifecycle
 
         _lifecycle.install()
-    except BaseException as exc:  # noqa: BLE001 - the host program must start regardless
+    except BaseException as exc:
         import sys
 
         try:
             sys.stderr.write(f"asyncdiag: not enabled, install failed: {exc!r}\n")
-        except Exception:  # noqa: BLE001, S110
+        except Exception:
             pass
 
 

@@ -26,7 +26,7 @@ def print_summary() -> None:
         )
         stream.write(text)
         stream.flush()
-    except Exception:  # noqa: BLE001, S110 - interpreter shutdown: nothing left to tell
+    except Exception:
         pass
 
 
