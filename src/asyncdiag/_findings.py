@@ -29,13 +29,14 @@ MAX_DISTINCT_FINDINGS = 1000
 _RELOG_AT = frozenset(10**n for n in range(1, 10))
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(slots=True)
 class Finding:
     """One detected async mistake, folded over its repeats.
 
     ``kind`` is one of the contract's stable strings; ``location`` is ``path:line`` or
     ``None``; ``duration`` is in seconds (the longest seen, for folded repeats); ``count`` is
-    how many times this kind was seen at this location.
+    how many times this kind was seen at this location. ``asyncdiag.findings()`` returns
+    copies: changing one does not change the store.
     """
 
     kind: str
@@ -51,7 +52,8 @@ class Finding:
 
     @property
     def key(self) -> tuple[str, str]:
-        return (self.kind, self.location if self.location is not None else f"?{self.subject}")
+        location = self.location
+        return (self.kind, location if location is not None else "?" + self.subject)
 
     def describe(self) -> str:
         parts = [f"[{self.kind}] {self.message}"]
@@ -82,7 +84,7 @@ FindingSink = Callable[[Finding, Any], None]
 class FindingStore:
     def __init__(self, max_distinct: int = MAX_DISTINCT_FINDINGS) -> None:
         self._lock = threading.RLock()
-        self._by_key: OrderedDict[tuple[str, str], Finding] = OrderedDict()
+        self._by_key: OrderedDict[tuple[str, str], _Entry] = OrderedDict()
         self._max_distinct = max_distinct
         self.evicted = 0
         self._sinks: list[FindingSink] = []
@@ -91,58 +93,51 @@ class FindingStore:
     # -- sinks and listeners -------------------------------------------------------------
     def add_sink(self, sink: FindingSink) -> None:
         with self._lock:
-            self._sinks.append(sink)
+            self._sinks = [*self._sinks, sink]
 
     def remove_sink(self, sink: FindingSink) -> None:
         with self._lock:
-            if sink in self._sinks:
-                self._sinks.remove(sink)
+            self._sinks = [s for s in self._sinks if s != sink]
 
     def add_listener(self, listener: Callable[[Finding], None]) -> None:
         """``listener`` sees every report (after folding); used by the pytest plugin and
         ``asyncdiag.testing`` to attribute findings to a test or a block."""
         with self._lock:
-            self._listeners.append(listener)
+            self._listeners = [*self._listeners, listener]
 
     def remove_listener(self, listener: Callable[[Finding], None]) -> None:
         with self._lock:
-            if listener in self._listeners:
-                self._listeners.remove(listener)
+            self._listeners = [x for x in self._listeners if x != listener]
 
     # -- the store -----------------------------------------------------------------------
-    def add(self, finding: Finding, span: Any = None) -> Finding:
+    def add(self, finding: Finding, span: Any = None) -> int:
+        """Fold ``finding`` into the store and deliver it; returns the folded count."""
+        key = finding.key
         with self._lock:
-            previous = self._by_key.get(finding.key)
-            if previous is None:
-                folded = finding
+            entry = self._by_key.get(key)
+            if entry is None:
                 if len(self._by_key) >= self._max_distinct:
                     self._by_key.popitem(last=False)
                     self.evicted += 1
+                entry = self._by_key[key] = _Entry(finding)
             else:
-                longest = _max_optional(previous.duration, finding.duration)
-                folded = dataclasses.replace(
-                    previous,
-                    count=previous.count + finding.count,
-                    duration=longest,
-                    last_seen=finding.last_seen,
-                    task=previous.task or finding.task,
-                )
-                self._by_key.move_to_end(finding.key)
-            self._by_key[finding.key] = folded
-            sinks = list(self._sinks)
-            listeners = list(self._listeners)
-        if folded.count == 1 or folded.count in _RELOG_AT:
-            _log(folded)
+                entry.fold(finding)
+                self._by_key.move_to_end(key)
+            count = entry.count
+            sinks = self._sinks
+            listeners = self._listeners
+        if count == 1 or count in _RELOG_AT:
+            _log(entry.freeze())
         for sink in sinks:
             _call_safely(f"finding sink {getattr(sink, '__qualname__', sink)!s}", sink,
                          finding, span)
         for listener in listeners:
             _call_safely("finding listener", listener, finding)
-        return folded
+        return count
 
     def snapshot(self) -> list[Finding]:
         with self._lock:
-            return list(self._by_key.values())
+            return [entry.freeze() for entry in self._by_key.values()]
 
     def clear(self) -> None:
         with self._lock:
@@ -150,12 +145,31 @@ class FindingStore:
             self.evicted = 0
 
 
-def _max_optional(a: float | None, b: float | None) -> float | None:
-    if a is None:
-        return b
-    if b is None:
-        return a
-    return max(a, b)
+class _Entry:
+    """The mutable folding state behind one (kind, location); frozen into a Finding on read,
+    so a hot repeat costs a few attribute updates rather than a new dataclass."""
+
+    __slots__ = ("count", "duration", "first", "last_seen")
+
+    def __init__(self, first: Finding) -> None:
+        self.first = first
+        self.count = first.count
+        self.duration = first.duration
+        self.last_seen = first.last_seen
+
+    def fold(self, finding: Finding) -> None:
+        self.count += finding.count
+        self.last_seen = finding.last_seen
+        if finding.duration is not None and (
+            self.duration is None or finding.duration > self.duration
+        ):
+            self.duration = finding.duration
+
+    def freeze(self) -> Finding:
+        first = self.first
+        return dataclasses.replace(
+            first, count=self.count, duration=self.duration, last_seen=self.last_seen
+        )
 
 
 def _call_safely(name: str, func: Callable[..., object], *args: object) -> None:
@@ -195,8 +209,9 @@ def report(
     task: str | None = None,
     stack: Iterable[str] = (),
     span: Any = None,
-) -> Finding | None:
-    """Report one occurrence of a mistake. Never raises; returns the folded finding."""
+) -> int:
+    """Report one occurrence of a mistake. Never raises; returns how many times this kind
+    was seen at this location so far (0 if the report itself failed)."""
     try:
         if kind not in _names.FINDING_KINDS:
             raise ValueError(f"unknown finding kind {kind!r}")
@@ -208,14 +223,14 @@ def report(
             location=location,
             duration=duration,
             task=task,
-            stack=tuple(stack),
+            stack=stack if type(stack) is tuple else tuple(stack),
             first_seen=now,
             last_seen=now,
         )
         return STORE.add(finding, span)
     except Exception as exc:
         _safety.hook_failed(f"report({kind})", exc)
-        return None
+        return 0
 
 
 def format_summary(findings: list[Finding], *, evicted: int = 0) -> str:
