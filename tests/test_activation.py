@@ -198,3 +198,13 @@ def test_demo_runs_without_a_collector() -> None:
     assert result.returncode == 0, result.stderr
     assert "asyncdiag demo" in result.stderr
     assert "distinct async mistake" in result.stderr or "no async mistakes" in result.stderr
+
+
+def test_exit_summary_is_silent_for_processes_without_event_loops() -> None:
+    quiet = run_python("print('no asyncio here')", ASYNCDIAG_ENABLED="1",
+                       ASYNCDIAG_EXPORTER="console")
+    assert quiet.returncode == 0
+    assert quiet.stderr == ""
+    with_loop = run_python("import asyncio; asyncio.run(asyncio.sleep(0))",
+                           ASYNCDIAG_ENABLED="1", ASYNCDIAG_EXPORTER="console")
+    assert "asyncdiag: no async mistakes found." in with_loop.stderr

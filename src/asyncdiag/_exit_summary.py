@@ -16,14 +16,17 @@ if TYPE_CHECKING:
     from ._lifecycle import Agent
 
 
-def print_summary() -> None:
+def print_summary(saw_event_loop: bool = True) -> None:
     stream = sys.stderr
     if stream is None:
         return
     try:
-        text = _findings.format_summary(
-            _findings.STORE.snapshot(), evicted=_findings.STORE.evicted
-        )
+        findings = _findings.STORE.snapshot()
+        if not findings and not saw_event_loop:
+            # e.g. pip or a build step started under `asyncdiag run`: nothing async happened,
+            # so say nothing rather than add a line to every child process's output.
+            return
+        text = _findings.format_summary(findings, evicted=_findings.STORE.evicted)
         stream.write(text)
         stream.flush()
     except Exception:
@@ -34,14 +37,18 @@ class ExitSummary:
     name = "exit summary"
 
     def __init__(self) -> None:
-        self._registered = False
+        self._agent: Agent | None = None
 
     def start(self, agent: Agent) -> None:
         if agent.config.exporter == "console":
-            atexit.register(print_summary)
-            self._registered = True
+            self._agent = agent
+            atexit.register(self._at_exit)
+
+    def _at_exit(self) -> None:
+        agent = self._agent
+        print_summary(saw_event_loop=agent is not None and agent.loops.seen_any)
 
     def stop(self) -> None:
-        if self._registered:
-            atexit.unregister(print_summary)
-            self._registered = False
+        if self._agent is not None:
+            atexit.unregister(self._at_exit)
+            self._agent = None

@@ -57,6 +57,7 @@ class LoopRegistry:
         self._slow_callback_duration: float = 0.1
         self._active = False
         self._uvloop_hook_registered = False
+        self.seen_any = False
 
     # -- public to the other components ------------------------------------------------
     def subscribe(
@@ -102,6 +103,7 @@ class LoopRegistry:
             except TypeError:  # a loop type without weakref support: never hold it strongly
                 logger.warning("asyncdiag: cannot monitor %r (no weak references)", loop)
                 return
+            self.seen_any = True
             self._apply_settings(loop)
             subscribers = list(self._on_loop)
         for callback in subscribers:
