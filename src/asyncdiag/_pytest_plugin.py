@@ -1,1 +1,550 @@
-"""PLACEHOLDER: pytest plugin (issue 8). Inert until implemented."""
+"""pytest plugin: fail the tests that commit the async mistakes asyncdiag finds.
+
+Loaded by pytest in every run of this environment (``pytest11`` entry point), so at load it
+only declares options and markers: nothing is installed and OpenTelemetry is not imported
+until the plugin is asked for with ``--asyncdiag``, the ``asyncdiag = true`` ini option, or
+``@pytest.mark.asyncdiag`` on some test.
+
+Attribution is by capture window: a findings-store listener appends every reported finding
+to the test whose setup/call/teardown is running. Objects that die in reference cycles are
+finalized by a ``gc.collect()`` at the end of the call and at the end of teardown, inside the
+window, so an orphaned generator or a forgotten coroutine is charged to the test that made
+it rather than to whichever later test the collector happens to run in. Findings of the call
+(and setup) fail the test; findings that only appear while its fixtures are torn down fail
+its teardown, as any fixture error does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import gc
+import os
+import threading
+from collections.abc import Generator, Iterable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from . import _findings, _names
+
+PLUGIN_NAME = "asyncdiag-session"
+
+# Mistakes that are wrong whatever the machine's speed. The timing kinds (slow_callback,
+# slow_teardown) depend on how loaded the CI runner is, so by default they are only listed in
+# the summary; loop_blocked fails because its threshold is the user's explicit budget.
+DEFAULT_FAIL_ON: tuple[str, ...] = (
+    _names.LOOP_BLOCKED,
+    _names.ORPHANED_ASYNCGEN,
+    _names.SWALLOWED_EXCEPTION,
+    _names.SWALLOWED_CANCELLATION,
+    _names.NEVER_AWAITED,
+    _names.UNRETRIEVED_EXCEPTION,
+    _names.PENDING_TASK_DESTROYED,
+)
+
+MARKER = "asyncdiag"
+ALLOW_MARKER = "asyncdiag_allow"
+PROPERTY_ALLOWED = "asyncdiag_allowed"
+PROPERTY_REPORTED = "asyncdiag_reported"
+_MAX_STACK_LINES = 40
+
+
+# -- hooks active in every pytest run (cheap: options and markers only) ----------------------
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("asyncdiag", "asyncdiag: fail tests that commit async mistakes")
+    group.addoption(
+        "--asyncdiag", action="store_true", default=None, dest="asyncdiag",
+        help="run every test with the asyncdiag agent and fail tests that produce findings",
+    )
+    group.addoption(
+        "--asyncdiag-blocked-ms", dest="asyncdiag_blocked_ms", metavar="MS", default=None,
+        help="loop_blocked threshold in milliseconds (ini asyncdiag_blocked_ms)",
+    )
+    group.addoption(
+        "--asyncdiag-slow-callback-ms", dest="asyncdiag_slow_callback_ms", metavar="MS",
+        default=None,
+        help="slow_callback threshold in milliseconds (ini asyncdiag_slow_callback_ms)",
+    )
+    parser.addini("asyncdiag", "run every test with asyncdiag (like --asyncdiag)",
+                  type="bool", default=False)
+    parser.addini(
+        "asyncdiag_fail_on",
+        "finding kinds that fail a test ('all' for every kind); the others are only listed",
+        type="linelist", default=list(DEFAULT_FAIL_ON),
+    )
+    parser.addini(
+        "asyncdiag_allow",
+        "known findings that never fail a test, one per line: kind[:location-glob], "
+        "e.g. orphaned_asyncgen:tests/test_x.py:42 or never_awaited:*/vendor/*",
+        type="linelist", default=[],
+    )
+    parser.addini("asyncdiag_blocked_ms", "loop_blocked threshold in milliseconds", default="")
+    parser.addini("asyncdiag_slow_callback_ms", "slow_callback threshold in milliseconds",
+                  default="")
+    parser.addini("asyncdiag_slow_teardown_ms", "slow_teardown threshold in milliseconds",
+                  default="")
+    parser.addini("asyncdiag_instrument",
+                  "instrument targets (module:Qualname or package.*), one per line",
+                  type="linelist", default=[])
+    parser.addini("asyncdiag_exporter",
+                  "telemetry exporter while testing: none (default), console or otlp",
+                  default="")
+    parser.addini("asyncdiag_gc_collect",
+                  "run gc.collect() at the end of each test's call and teardown, so objects "
+                  "in reference cycles are charged to the test that made them",
+                  type="bool", default=True)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        f"{MARKER}: run this test with the asyncdiag agent and fail it on async mistakes",
+    )
+    config.addinivalue_line(
+        "markers",
+        f"{ALLOW_MARKER}(kind, *locations, reason=None): findings of this kind (at these "
+        "path:line globs, default anywhere) do not fail this test; they are listed instead",
+    )
+    if _enabled_for_session(config):
+        config.pluginmanager.register(AsyncdiagPlugin(config, every_test=True), PLUGIN_NAME)
+
+
+def pytest_collection_modifyitems(
+    session: pytest.Session, config: pytest.Config, items: list[pytest.Item]
+) -> None:
+    if config.pluginmanager.has_plugin(PLUGIN_NAME):
+        return
+    if any(item.get_closest_marker(MARKER) is not None for item in items):
+        config.pluginmanager.register(AsyncdiagPlugin(config, every_test=False), PLUGIN_NAME)
+
+
+def _enabled_for_session(config: pytest.Config) -> bool:
+    if config.getoption("asyncdiag", None):
+        return True
+    return bool(config.getini("asyncdiag"))
+
+
+# -- allow rules ---------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class AllowRule:
+    """``kind`` and ``where`` are fnmatch globs; ``where`` matches a finding's location
+    (absolute, or relative to the rootdir) or its subject."""
+
+    kind: str
+    where: str | None
+    origin: str
+    reason: str | None = None
+
+    def __str__(self) -> str:
+        text = self.kind if self.where is None else f"{self.kind}:{self.where}"
+        return f"{text} ({self.origin}{', ' + self.reason if self.reason else ''})"
+
+    def matches(self, finding: _findings.Finding, rootpath: Path) -> bool:
+        if not fnmatch.fnmatchcase(finding.kind, self.kind):
+            return False
+        if self.where is None or self.where == "*":
+            return True
+        candidates = [finding.subject]
+        if finding.location:
+            candidates.append(finding.location)
+            relative = _relative_location(finding.location, rootpath)
+            if relative != finding.location:
+                candidates.append(relative)
+        patterns = [self.where]
+        if not self.where.startswith(("/", "*")):
+            patterns.append("*/" + self.where)
+        return any(fnmatch.fnmatchcase(c, p) for c in candidates for p in patterns)
+
+
+def _check_kind_glob(kind: str) -> str | None:
+    """The reason ``kind`` can never match, or None."""
+    if not kind:
+        return "empty kind"
+    if any(ch in kind for ch in "*?["):
+        if not any(fnmatch.fnmatchcase(k, kind) for k in _names.FINDING_KINDS):
+            return f"pattern {kind!r} matches no finding kind"
+        return None
+    if kind not in _names.FINDING_KINDS:
+        return f"unknown finding kind {kind!r} (known: {', '.join(_names.FINDING_KINDS)})"
+    return None
+
+
+def parse_allow_line(line: str, origin: str) -> AllowRule:
+    """``kind`` or ``kind:location-glob`` (the glob may itself contain ``:line``)."""
+    kind, _, where = line.strip().partition(":")
+    kind, where = kind.strip(), where.strip()
+    problem = _check_kind_glob(kind)
+    if problem:
+        raise ValueError(f"{origin}: {line.strip()!r}: {problem}")
+    return AllowRule(kind, where or None, origin)
+
+
+def _marker_rules(item: pytest.Item) -> list[AllowRule]:
+    rules: list[AllowRule] = []
+    for marker in item.iter_markers(ALLOW_MARKER):
+        origin = f"@pytest.mark.{ALLOW_MARKER}"
+        reason = marker.kwargs.get("reason")
+        reason = str(reason) if reason is not None else None
+        if not marker.args or not all(isinstance(a, str) for a in marker.args):
+            raise ValueError(f"{origin} needs a finding kind and optional location globs "
+                             f"(strings), got {marker.args!r}")
+        first, *locations = marker.args
+        if not locations and ":" in first:
+            rule = parse_allow_line(first, origin)
+            rules.append(dataclasses.replace(rule, reason=reason))
+            continue
+        problem = _check_kind_glob(first)
+        if problem:
+            raise ValueError(f"{origin}: {problem}")
+        rules.extend(AllowRule(first, where, origin, reason) for where in locations or [None])
+    return rules
+
+
+# -- formatting ----------------------------------------------------------------------------
+def _relative_location(location: str, rootpath: Path) -> str:
+    path, sep, line = location.rpartition(":")
+    if not sep or not os.path.isabs(path):
+        return location
+    try:
+        relative = Path(path).relative_to(rootpath)
+    except ValueError:
+        return location
+    return f"{relative.as_posix()}:{line}"
+
+
+def _fold(findings: Iterable[_findings.Finding]) -> list[_findings.Finding]:
+    folded: dict[tuple[str, str], _findings.Finding] = {}
+    for finding in findings:
+        previous = folded.get(finding.key)
+        if previous is None:
+            folded[finding.key] = finding
+            continue
+        durations = [d for d in (previous.duration, finding.duration) if d is not None]
+        folded[finding.key] = dataclasses.replace(
+            previous,
+            count=previous.count + finding.count,
+            duration=max(durations) if durations else None,
+            last_seen=finding.last_seen,
+        )
+    return list(folded.values())
+
+
+def _display(finding: _findings.Finding, rootpath: Path) -> _findings.Finding:
+    if finding.location is None:
+        return finding
+    return dataclasses.replace(finding, location=_relative_location(finding.location, rootpath))
+
+
+def format_failure(
+    findings: list[_findings.Finding], rootpath: Path, *, when: str
+) -> str:
+    """The failure text of one test: the console summary of its findings, their stacks, and
+    how to allow one."""
+    shown = [_display(f, rootpath) for f in _fold(findings)]
+    lines = []
+    if when == "teardown":
+        lines.append("asyncdiag: async mistakes found while this test was torn down "
+                     "(after the test body ended: fixtures finalized, objects collected).")
+    lines.append(_findings.format_summary(shown).rstrip("\n"))
+    for finding in shown:
+        if finding.stack:
+            stack = "".join(finding.stack).rstrip("\n").splitlines()
+            if len(stack) > _MAX_STACK_LINES:
+                stack = ["  ...", *stack[-_MAX_STACK_LINES:]]
+            lines.append(f"{finding.kind} at {finding.location or '(location unknown)'}:")
+            lines.extend(stack)
+    example = shown[0]
+    where = f', "{example.location}"' if example.location else ""
+    lines.append(
+        f'To accept a known finding: @pytest.mark.{ALLOW_MARKER}("{example.kind}"{where}) '
+        f"on the test, or the ini option asyncdiag_allow = {example.kind}"
+        f"{':' + example.location if example.location else ''}"
+    )
+    return "\n".join(lines)
+
+
+def _one_line(finding: _findings.Finding, rootpath: Path) -> str:
+    shown = _display(finding, rootpath)
+    text = f"{shown.kind} {shown.location or '(location unknown)'} {shown.subject}"
+    if shown.count > 1:
+        text += f" x{shown.count}"
+    if shown.duration is not None:
+        text += f" ({_findings._format_duration(shown.duration)})"
+    return text
+
+
+# -- the active plugin ---------------------------------------------------------------------
+def _milliseconds(config: pytest.Config, option: str | None, ini: str) -> float | None:
+    raw = config.getoption(option, None) if option else None
+    source = f"--{option.replace('_', '-')}" if raw is not None and option else ini
+    if raw is None:
+        raw = config.getini(ini)
+    if raw is None or not str(raw).strip():
+        return None
+    try:
+        value = float(str(raw).strip())
+    except ValueError:
+        raise pytest.UsageError(f"{source}={raw!r} is not a number of milliseconds") from None
+    return value / 1000.0
+
+
+def _fail_on(config: pytest.Config) -> frozenset[str]:
+    kinds: set[str] = set()
+    for line in config.getini("asyncdiag_fail_on"):
+        for item in line.replace(",", " ").split():
+            if item == "all":
+                kinds.update(_names.FINDING_KINDS)
+            elif item in _names.FINDING_KINDS:
+                kinds.add(item)
+            else:
+                raise pytest.UsageError(
+                    f"asyncdiag_fail_on: unknown finding kind {item!r} "
+                    f"(known: {', '.join(_names.FINDING_KINDS)}, or 'all')"
+                )
+    return frozenset(kinds)
+
+
+@dataclasses.dataclass
+class _Window:
+    nodeid: str
+    pending: list[_findings.Finding] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class _Listed:
+    nodeid: str | None
+    finding: _findings.Finding
+    why: str
+
+
+class AsyncdiagPlugin:
+    """Registered only when asyncdiag is asked for. ``every_test``: the agent is on for the
+    whole session and every test is checked; otherwise only ``@pytest.mark.asyncdiag``
+    tests are, with the agent installed around each of them."""
+
+    def __init__(self, config: pytest.Config, *, every_test: bool) -> None:
+        self.config = config
+        self.every_test = every_test
+        self.rootpath = config.rootpath
+        self.fail_on = _fail_on(config)
+        try:
+            self.ini_rules = [parse_allow_line(line, "ini asyncdiag_allow")
+                              for line in config.getini("asyncdiag_allow") if line.strip()]
+        except ValueError as exc:
+            raise pytest.UsageError(str(exc)) from None
+        self.install_kwargs = self._install_kwargs(config)
+        self.gc_collect = bool(config.getini("asyncdiag_gc_collect"))
+        self._lock = threading.Lock()
+        self._window: _Window | None = None
+        self._last_nodeid: str | None = None
+        self._listening = False
+        self._we_installed = False
+        self.allowed: list[_Listed] = []
+        self.reported: list[_Listed] = []
+        self.outside: list[_Listed] = []
+        self.failed_tests: list[str] = []
+
+    @staticmethod
+    def _install_kwargs(config: pytest.Config) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {
+            "blocked_threshold": _milliseconds(config, "asyncdiag_blocked_ms",
+                                               "asyncdiag_blocked_ms"),
+            "slow_callback_duration": _milliseconds(config, "asyncdiag_slow_callback_ms",
+                                                    "asyncdiag_slow_callback_ms"),
+            "slow_teardown_threshold": _milliseconds(config, None, "asyncdiag_slow_teardown_ms"),
+        }
+        targets = [t.strip() for t in config.getini("asyncdiag_instrument") if t.strip()]
+        if targets:
+            kwargs["instrument"] = tuple(targets)
+        exporter = str(config.getini("asyncdiag_exporter")).strip()
+        if exporter:
+            kwargs["exporter"] = exporter
+        elif not os.environ.get("ASYNCDIAG_EXPORTER", "").strip():
+            # Tests should not print an exit summary or ship telemetry unless asked to.
+            kwargs["exporter"] = "none"
+        return {k: v for k, v in kwargs.items() if v is not None}
+
+    # -- agent and listener --------------------------------------------------------------
+    def _ensure_installed(self) -> None:
+        from . import _lifecycle
+
+        if _lifecycle.current() is None:
+            _lifecycle.install(**self.install_kwargs)
+            self._we_installed = True
+
+    def _uninstall_if_ours(self) -> None:
+        if self._we_installed:
+            from . import _lifecycle
+
+            self._we_installed = False
+            _lifecycle.uninstall()
+
+    def _listen(self) -> None:
+        if not self._listening:
+            _findings.STORE.add_listener(self._on_finding)
+            self._listening = True
+
+    def _unlisten(self) -> None:
+        if self._listening:
+            _findings.STORE.remove_listener(self._on_finding)
+            self._listening = False
+
+    def _on_finding(self, finding: _findings.Finding) -> None:
+        # Any thread (watchdog, GC finalizers): only append under the lock.
+        with self._lock:
+            window = self._window
+            if window is not None:
+                window.pending.append(finding)
+            else:
+                where = f"after {self._last_nodeid}" if self._last_nodeid else "before any test"
+                self.outside.append(_Listed(None, finding, where))
+
+    def _collect_garbage(self) -> None:
+        if self.gc_collect:
+            gc.collect()
+
+    def _checked(self, item: pytest.Item) -> bool:
+        return self.every_test or item.get_closest_marker(MARKER) is not None
+
+    # -- session -------------------------------------------------------------------------
+    def pytest_sessionstart(self, session: pytest.Session) -> None:
+        if self.every_test:
+            self._listen()
+            self._ensure_installed()
+            self.config.add_cleanup(self._shutdown)
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        if self._listening:
+            self._collect_garbage()
+        self._shutdown()
+        failing = [x for x in self.outside if x.finding.kind in self.fail_on]
+        if failing and session.exitstatus == pytest.ExitCode.OK:
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+    def _shutdown(self) -> None:
+        self._uninstall_if_ours()
+        self._unlisten()
+
+    # -- one test ------------------------------------------------------------------------
+    @pytest.hookimpl(wrapper=True, tryfirst=True)
+    def pytest_runtest_setup(self, item: pytest.Item) -> Generator[None, object, object]:
+        if self._checked(item):
+            rules = self._rules_or_error(item)
+            item.stash[_RULES] = rules
+            self._listen()
+            self._ensure_installed()
+            with self._lock:
+                self._window = _Window(item.nodeid)
+        return (yield)
+
+    @pytest.hookimpl(wrapper=True, tryfirst=True)
+    def pytest_runtest_call(self, item: pytest.Item) -> Generator[None, object, object]:
+        try:
+            return (yield)
+        finally:
+            if self._window is not None:
+                self._collect_garbage()
+
+    # Outermost, so the collection runs after every fixture and other wrapper has finished.
+    @pytest.hookimpl(wrapper=True, tryfirst=True)
+    def pytest_runtest_teardown(
+        self, item: pytest.Item, nextitem: pytest.Item | None
+    ) -> Generator[None, object, object]:
+        try:
+            return (yield)
+        finally:
+            if self._window is not None:
+                self._collect_garbage()
+                if not self.every_test:
+                    self._uninstall_if_ours()
+                    self._unlisten()
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_makereport(
+        self, item: pytest.Item, call: pytest.CallInfo[None]
+    ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+        report = yield
+        window = self._window
+        if window is None or window.nodeid != item.nodeid:
+            return report
+        last = call.when == "teardown"
+        # Skipped phases (a skip in setup, an xfail) pass their findings on: teardown judges
+        # whatever is left, so nothing seen in the window goes unjudged.
+        if report.skipped and not last:
+            return report
+        with self._lock:
+            findings, window.pending = window.pending, []
+            if last:
+                self._window = None
+                self._last_nodeid = item.nodeid
+        if findings:
+            self._judge(item, report, findings, call.when)
+        return report
+
+    def _rules_or_error(self, item: pytest.Item) -> list[AllowRule]:
+        try:
+            return self.ini_rules + _marker_rules(item)
+        except ValueError as exc:
+            raise pytest.UsageError(f"{item.nodeid}: {exc}") from None
+
+    def _judge(
+        self, item: pytest.Item, report: pytest.TestReport,
+        findings: list[_findings.Finding], when: str,
+    ) -> None:
+        rules = item.stash.get(_RULES, self.ini_rules)
+        failing: list[_findings.Finding] = []
+        for finding in findings:
+            rule = next((r for r in rules if r.matches(finding, self.rootpath)), None)
+            if rule is not None:
+                self.allowed.append(_Listed(item.nodeid, finding, f"allowed by {rule}"))
+                report.user_properties.append(
+                    (PROPERTY_ALLOWED, f"{_one_line(finding, self.rootpath)} [{rule}]"))
+            elif finding.kind in self.fail_on:
+                failing.append(finding)
+            else:
+                self.reported.append(_Listed(item.nodeid, finding, "not in asyncdiag_fail_on"))
+                report.user_properties.append(
+                    (PROPERTY_REPORTED, _one_line(finding, self.rootpath)))
+        if not failing:
+            return
+        text = format_failure(failing, self.rootpath, when=when)
+        if report.passed:
+            report.outcome = "failed"
+            report.longrepr = text
+        else:
+            report.sections.append(("asyncdiag findings", text))
+        if item.nodeid not in self.failed_tests:
+            self.failed_tests.append(item.nodeid)
+
+    # -- report --------------------------------------------------------------------------
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        if not (self.allowed or self.reported or self.outside or self.failed_tests):
+            return
+        write = terminalreporter.write_line
+        terminalreporter.write_sep("=", "asyncdiag")
+        if self.failed_tests:
+            write(f"{len(self.failed_tests)} test(s) failed because of async mistakes:")
+            for nodeid in self.failed_tests:
+                write(f"  {nodeid}")
+        if self.allowed:
+            write("allowed findings (asyncdiag_allow):")
+            for entry in self.allowed:
+                write(f"  {entry.nodeid}: {_one_line(entry.finding, self.rootpath)}"
+                      f"  [{entry.why}]")
+        if self.reported:
+            write("findings of kinds that do not fail tests (asyncdiag_fail_on):")
+            for entry in self.reported:
+                write(f"  {entry.nodeid}: {_one_line(entry.finding, self.rootpath)}")
+        if self.outside:
+            failing = sum(1 for x in self.outside if x.finding.kind in self.fail_on)
+            write("findings outside any test (collection, between tests, session end)"
+                  + (f"; {failing} of a failing kind, so the session fails:" if failing
+                     else ":"))
+            for entry in self.outside:
+                write(f"  {_one_line(entry.finding, self.rootpath)}  [{entry.why}]")
+
+
+_RULES = pytest.StashKey[list[AllowRule]]()
