@@ -1,27 +1,304 @@
-"""OpenTelemetry delivery: tracer, instruments, and the finding sink.
+"""OpenTelemetry delivery: tracer, cheap in-process aggregation, and the finding sink.
 
 Detectors record through the ``Telemetry`` methods below and never touch the SDK directly,
-so that provider setup, aggregation and export policy live in this one module.
+so that provider choice, aggregation and export policy live here (and in ``_otel_pipeline``).
+
+Why the metrics are aggregated here and not by the SDK: ``record_enter``/``record_exit``/
+``record_next``/``add_yields`` run on the event loop thread for every instrumented ``async
+with`` and every yielded item. One SDK ``Histogram.record`` costs several microseconds
+(measurement object, exemplar filter, per-reader storage lookups, locks), more than the
+whole per-operation budget. So each record is one dict lookup plus a bisect and a few list
+stores; the SDK gets the result at collection time, on the collecting thread:
+
+* counters and the up-down counter are *observable* instruments whose callbacks read the
+  plain-Python totals (public API, works with any MeterProvider, including the API's proxy
+  when the application sets its provider after asyncdiag started);
+* histograms have no observable form in the OpenTelemetry API. The SDK does not implement
+  the specification's ``MetricProducer`` either, so asyncdiag plays that role itself: it
+  wraps each SDK ``MetricReader``'s ``_receive_metrics`` (the SDK's documented override
+  point, called with every collection) and appends its own pre-aggregated explicit-bucket
+  histogram points, honouring the reader's temporality. The wrappers are removed on
+  uninstall. For a MeterProvider that is not the SDK's (no readers to hook) the histograms
+  fall back to recording directly into SDK/API histograms: correct but slower.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
-from collections.abc import Callable, Iterable
+import math
+import threading
+import weakref
+from bisect import bisect_left
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from time import time_ns
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry import metrics, trace
 from opentelemetry.metrics import CallbackOptions, Observation
 
-from . import _names
+from . import _names, _safety
 from ._findings import Finding
+from ._patching import Patcher
 
 if TYPE_CHECKING:
+    from opentelemetry.sdk.metrics.export import HistogramDataPoint, MetricsData
+
     from ._lifecycle import Agent
+    from ._otel_pipeline import Pipeline
 
 logger = logging.getLogger("asyncdiag")
 
 TaskCountSource = Callable[[], Iterable[tuple[int, dict[str, str]]]]
+AttributeValue = str | bool | int | float
+
+# Bound on distinct attribute sets per metric (the SDK's default cardinality limit). Beyond it,
+# measurements go to one overflow point, as the SDK does, so memory stays bounded whatever
+# subjects the program creates.
+MAX_POINTS_PER_METRIC = 2000
+_OVERFLOW_ATTRIBUTES: Mapping[str, AttributeValue] = {"otel.metric.overflow": True}
+_OVERFLOW_KEY: Hashable = ("otel.metric.overflow",)
+
+# Layout of one histogram point: bucket counts (len(bounds) + 1), then sum, min, max. A flat
+# list keeps the hot path to index stores on one object.
+_BOUNDS: tuple[float, ...] = _names.DURATION_BUCKETS
+_NBUCKETS = len(_BOUNDS) + 1
+_SUM = _NBUCKETS
+_MIN = _NBUCKETS + 1
+_MAX = _NBUCKETS + 2
+
+# Total time uninstall/exit may spend flushing telemetry, so that a container stops promptly
+# even when the collector hangs.
+SHUTDOWN_TIMEOUT_SECONDS = 3.0
+
+
+def _new_point() -> list[float]:
+    return [0] * _NBUCKETS + [0.0, math.inf, -math.inf]
+
+
+class _Histogram:
+    """One duration histogram, aggregated in plain Python per attribute set.
+
+    Recording is done inline by ``Telemetry`` (a dict lookup and index stores). On CPython
+    3.11+ with the GIL those stores cannot interleave with another thread's (no eval-breaker
+    check inside ``p[i] += 1``); a new attribute set is added under a lock.
+    """
+
+    __slots__ = ("_lock", "attributes", "points", "spec", "start_ns")
+
+    def __init__(self, spec: _names.MetricName) -> None:
+        self.spec = spec
+        self.points: dict[Hashable, list[float]] = {}
+        self.attributes: dict[Hashable, Mapping[str, AttributeValue]] = {}
+        self.start_ns = time_ns()
+        self._lock = threading.RLock()
+
+    def point(self, key: Hashable, attributes: Mapping[str, AttributeValue]) -> list[float]:
+        """The point for ``key``, created on first use (the slow path of a record)."""
+        with self._lock:
+            point = self.points.get(key)
+            if point is not None:
+                return point
+            if len(self.points) >= MAX_POINTS_PER_METRIC:
+                key, attributes = _OVERFLOW_KEY, _OVERFLOW_ATTRIBUTES
+                point = self.points.get(key)
+                if point is not None:
+                    return point
+            point = _new_point()
+            self.attributes[key] = dict(attributes)
+            self.points[key] = point
+            return point
+
+    def record(self, key: Hashable, attributes: Mapping[str, AttributeValue],
+               seconds: float) -> None:
+        point = self.points.get(key)
+        if point is None:
+            point = self.point(key, attributes)
+        point[bisect_left(_BOUNDS, seconds)] += 1
+        point[_SUM] += seconds
+        if seconds < point[_MIN]:
+            point[_MIN] = seconds
+        if seconds > point[_MAX]:
+            point[_MAX] = seconds
+
+    def snapshot(self) -> list[tuple[Hashable, Mapping[str, AttributeValue], list[float]]]:
+        with self._lock:
+            return [(key, self.attributes[key], list(point))
+                    for key, point in self.points.items()]
+
+    def clear(self) -> None:
+        with self._lock:
+            self.points.clear()
+            self.attributes.clear()
+            self.start_ns = time_ns()
+
+
+class _Counts:
+    """Monotonic or up-down totals per attribute set, read by an observable instrument."""
+
+    __slots__ = ("_lock", "attributes", "totals")
+
+    def __init__(self) -> None:
+        self.totals: dict[Hashable, int] = {}
+        self.attributes: dict[Hashable, Mapping[str, AttributeValue]] = {}
+        self._lock = threading.RLock()
+
+    def add_new(self, key: Hashable, attributes: Mapping[str, AttributeValue], n: int) -> None:
+        with self._lock:
+            if key not in self.totals and len(self.totals) >= MAX_POINTS_PER_METRIC:
+                key, attributes = _OVERFLOW_KEY, _OVERFLOW_ATTRIBUTES
+            if key in self.totals:
+                self.totals[key] += n
+            else:
+                self.attributes[key] = dict(attributes)
+                self.totals[key] = n
+
+    def observations(self) -> list[Observation]:
+        with self._lock:
+            return [Observation(total, self.attributes[key]) for key, total in
+                    self.totals.items()]
+
+    def clear(self) -> None:
+        with self._lock:
+            self.totals.clear()
+            self.attributes.clear()
+
+
+# -- the installed Telemetry, for callbacks that outlive one install ---------------------------
+# Observable instruments cannot be removed from a MeterProvider, and the SDK hands back the
+# first instrument (with its first callbacks) when one with the same name is created again.
+# So instruments are made once per provider and their callbacks read whichever Telemetry is
+# installed now; after uninstall they observe nothing.
+_active: Telemetry | None = None
+_instruments_by_provider: weakref.WeakKeyDictionary[Any, dict[str, Any]] = (
+    weakref.WeakKeyDictionary()
+)
+_instruments_lock = threading.Lock()
+
+
+def _callback(name: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
+    def observe(options: CallbackOptions) -> Iterable[Observation]:
+        telemetry = _active
+        if telemetry is None or _safety.is_disabled(f"metric callback {name}"):
+            return ()
+        try:
+            return telemetry._observe(name)
+        except Exception as exc:
+            _safety.hook_failed(f"metric callback {name}", exc)
+            return ()
+
+    observe.__qualname__ = f"asyncdiag_observe[{name}]"
+    return observe
+
+
+def _observable_instruments(provider: metrics.MeterProvider) -> dict[str, Any]:
+    """The observable instruments on ``provider`` (made once per provider)."""
+    with _instruments_lock:
+        try:
+            made = _instruments_by_provider.get(provider)
+        except TypeError:  # a provider that cannot be weakly referenced
+            made = None
+        if made is not None:
+            return made
+        from . import __version__
+
+        meter = provider.get_meter(_names.INSTRUMENTATION_SCOPE, __version__)
+        made = {}
+        for spec in _names.METRICS:
+            callbacks = [_callback(spec.name)]
+            if spec.instrument == "counter":
+                made[spec.name] = meter.create_observable_counter(
+                    spec.name, callbacks=callbacks, unit=spec.unit,
+                    description=spec.description,
+                )
+            elif spec.instrument == "up_down_counter":
+                made[spec.name] = meter.create_observable_up_down_counter(
+                    spec.name, callbacks=callbacks, unit=spec.unit,
+                    description=spec.description,
+                )
+            elif spec.instrument == "observable_gauge":
+                made[spec.name] = meter.create_observable_gauge(
+                    spec.name, callbacks=callbacks, unit=spec.unit,
+                    description=spec.description,
+                )
+        try:
+            _instruments_by_provider[provider] = made
+        except TypeError:
+            pass
+        return made
+
+
+def _is_api_default(provider: object) -> bool:
+    """True for the API's proxy/no-op providers, i.e. "the application set none"."""
+    from opentelemetry.metrics import NoOpMeterProvider
+    from opentelemetry.trace import NoOpTracerProvider, ProxyTracerProvider
+
+    try:
+        from opentelemetry.metrics._internal import _ProxyMeterProvider
+    except ImportError:  # pragma: no cover - layout of the API package changed
+        _ProxyMeterProvider = ()  # type: ignore[assignment,misc]
+    return isinstance(
+        provider, (ProxyTracerProvider, NoOpTracerProvider, NoOpMeterProvider,
+                   _ProxyMeterProvider)
+    )
+
+
+def _sdk_readers(provider: object) -> list[Any] | None:
+    """The SDK MetricReaders of ``provider``, or None if it is not an SDK MeterProvider."""
+    try:
+        from opentelemetry.sdk.metrics import MeterProvider as SdkMeterProvider
+    except ImportError:  # pragma: no cover - the SDK is a dependency
+        return None
+    if not isinstance(provider, SdkMeterProvider):
+        return None
+    consumer = getattr(provider, "_measurement_consumer", None)
+    storages = getattr(consumer, "_reader_storages", None)
+    if storages is not None:
+        return list(storages)
+    readers = getattr(provider, "_metric_readers", None)
+    return list(readers) if readers is not None else None
+
+
+# -- explicit providers, handed over by the OpenTelemetry instrumentor -------------------------
+_explicit: dict[str, Any] = {}
+
+
+def use_providers(tracer_provider: Any = None, meter_provider: Any = None) -> None:
+    """Make the next ``install()`` use these providers (``BaseInstrumentor`` kwargs)."""
+    _explicit.clear()
+    if tracer_provider is not None:
+        _explicit["tracer_provider"] = tracer_provider
+    if meter_provider is not None:
+        _explicit["meter_provider"] = meter_provider
+
+
+class _ReceiveHook:
+    """Replaces one reader's ``_receive_metrics``: appends asyncdiag's histograms, then calls
+    the reader's own method. Holds the reader and the Telemetry weakly (the reader holds it)."""
+
+    def __init__(self, telemetry: Telemetry, reader: Any, original: Callable[..., Any],
+                 resource: Any) -> None:
+        self._telemetry = weakref.ref(telemetry)
+        self._reader = weakref.ref(reader)
+        self._original = original
+        self._resource = resource
+        self._disabled = False
+
+    def _self_disable(self) -> None:
+        self._disabled = True
+
+    def __call__(self, metrics_data: Any, timeout_millis: float = 10_000,
+                 **kwargs: Any) -> Any:
+        telemetry = self._telemetry()
+        reader = self._reader()
+        if (not self._disabled and telemetry is not None and reader is not None
+                and metrics_data is not None and not _safety.is_disabled("metric producer")):
+            try:
+                metrics_data = telemetry._merge_histograms(reader, metrics_data,
+                                                           self._resource)
+            except Exception as exc:
+                _safety.hook_failed("metric producer", exc)
+        return self._original(metrics_data, timeout_millis=timeout_millis, **kwargs)
 
 
 class Telemetry:
@@ -30,72 +307,158 @@ class Telemetry:
     def __init__(self) -> None:
         self._agent: Agent | None = None
         self.tracer: trace.Tracer = trace.get_tracer(_names.INSTRUMENTATION_SCOPE)
-        self._meter: metrics.Meter | None = None
         self._task_sources: list[TaskCountSource] = []
-        self._instruments: dict[str, Any] = {}
+        self._lock = threading.RLock()
+        self._enter = _Histogram(_names.CONTEXT_ENTER_DURATION)
+        self._exit = _Histogram(_names.CONTEXT_EXIT_DURATION)
+        self._next = _Histogram(_names.ITERATOR_NEXT_DURATION)
+        self._lag = _Histogram(_names.LOOP_LAG)
+        self._slow = _Histogram(_names.LOOP_SLOW_CALLBACK_DURATION)
+        self._histograms = (self._enter, self._exit, self._next, self._lag, self._slow)
+        # Bound once: the hot paths read these attributes instead of walking ``self._enter``.
+        self._enter_points = self._enter.points
+        self._exit_points = self._exit.points
+        self._next_points = self._next.points
+        self._yields = _Counts()
+        self._yield_totals = self._yields.totals
+        self._findings = _Counts()
+        self._asyncgen_active = 0
+        self._meter_provider: Any = None
+        self._patcher = Patcher()
+        self._hooked: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._late_binding = False
+        self._unsupported_logged = False
+        self._delta_state: weakref.WeakKeyDictionary[
+            Any, dict[tuple[str, Hashable], tuple[list[float], int]]
+        ] = weakref.WeakKeyDictionary()
+        self._pipeline: Pipeline | None = None
+        self._atexit_registered = False
 
     # -- component ------------------------------------------------------------------------
     def start(self, agent: Agent) -> None:
+        global _active
         self._agent = agent
-        self.tracer = trace.get_tracer(_names.INSTRUMENTATION_SCOPE)
-        self._meter = metrics.get_meter(_names.INSTRUMENTATION_SCOPE)
-        self._create_instruments(self._meter)
+        explicit = dict(_explicit)
+        _explicit.clear()
+        tracer_provider = explicit.get("tracer_provider")
+        meter_provider = explicit.get("meter_provider")
+        if tracer_provider is None and not _is_api_default(trace.get_tracer_provider()):
+            tracer_provider = trace.get_tracer_provider()
+        if meter_provider is None and not _is_api_default(metrics.get_meter_provider()):
+            meter_provider = metrics.get_meter_provider()
+        if tracer_provider is None or meter_provider is None:
+            from . import _otel_pipeline
+
+            self._pipeline = _otel_pipeline.build(
+                agent.config.exporter,
+                traces=tracer_provider is None,
+                metrics=meter_provider is None,
+            )
+            if self._pipeline.has_providers:
+                atexit.register(self._shutdown_pipeline)
+                self._atexit_registered = True
+            tracer_provider = tracer_provider or self._pipeline.tracer_provider
+            meter_provider = meter_provider or self._pipeline.meter_provider
+        # No provider of our own and none from the application: go through the API's proxies,
+        # so that a provider the application sets later still receives asyncdiag's telemetry.
+        if tracer_provider is None:
+            tracer_provider = trace.get_tracer_provider()
+        if meter_provider is None:
+            meter_provider = metrics.get_meter_provider()
+            self._late_binding = _is_api_default(meter_provider)
+
+        from . import __version__
+
+        self.tracer = tracer_provider.get_tracer(_names.INSTRUMENTATION_SCOPE, __version__)
+        self._meter_provider = meter_provider
+        _observable_instruments(meter_provider)
+        if not self._late_binding:
+            self._bind_histograms(meter_provider)
+        _active = self
         agent.store.add_sink(self._finding_sink)
 
     def stop(self) -> None:
+        global _active
+        if _active is self:
+            _active = None
         if self._agent is not None:
             self._agent.store.remove_sink(self._finding_sink)
         self._agent = None
         self._task_sources.clear()
+        self._patcher.restore_all()
+        self._hooked = weakref.WeakSet()
+        for attr in ("record_enter", "record_exit", "record_next", "record_loop_lag",
+                     "record_slow_callback"):
+            self.__dict__.pop(attr, None)
+        if self._atexit_registered:
+            atexit.unregister(self._shutdown_pipeline)
+            self._atexit_registered = False
+        self._shutdown_pipeline()
+        self.tracer = trace.get_tracer(_names.INSTRUMENTATION_SCOPE)
 
-    def _create_instruments(self, meter: metrics.Meter) -> None:
-        for spec in _names.METRICS:
-            if spec.instrument == "histogram":
-                self._instruments[spec.name] = meter.create_histogram(
-                    spec.name, unit=spec.unit, description=spec.description,
-                    explicit_bucket_boundaries_advisory=list(_names.DURATION_BUCKETS),
-                )
-            elif spec.instrument == "counter":
-                self._instruments[spec.name] = meter.create_counter(
-                    spec.name, unit=spec.unit, description=spec.description
-                )
-            elif spec.instrument == "up_down_counter":
-                self._instruments[spec.name] = meter.create_up_down_counter(
-                    spec.name, unit=spec.unit, description=spec.description
-                )
-            elif spec.instrument == "observable_gauge":
-                self._instruments[spec.name] = meter.create_observable_gauge(
-                    spec.name, callbacks=[self._observe_tasks], unit=spec.unit,
-                    description=spec.description,
-                )
+    def _shutdown_pipeline(self) -> None:
+        pipeline, self._pipeline = self._pipeline, None
+        if pipeline is not None:
+            pipeline.shutdown(SHUTDOWN_TIMEOUT_SECONDS)
 
-    # -- recording API used by the detectors ------------------------------------------------
+    @property
+    def dropped_spans(self) -> int:
+        """Spans dropped because the export queue was full (asyncdiag's own pipeline only)."""
+        pipeline = self._pipeline
+        return pipeline.dropped_spans if pipeline is not None else 0
+
+    # -- recording API used by the detectors (hot paths: keep them to a few stores) ----------
     def record_enter(self, subject: str, seconds: float) -> None:
-        self._instruments[_names.CONTEXT_ENTER_DURATION.name].record(
-            seconds, {_names.ATTR_SUBJECT: subject}
-        )
+        point = self._enter_points.get(subject)
+        if point is None:
+            point = self._enter.point(subject, {_names.ATTR_SUBJECT: subject})
+        point[bisect_left(_BOUNDS, seconds)] += 1
+        point[_SUM] += seconds
+        if seconds < point[_MIN]:
+            point[_MIN] = seconds
+        if seconds > point[_MAX]:
+            point[_MAX] = seconds
 
     def record_exit(self, subject: str, outcome: _names.Outcome, seconds: float) -> None:
-        self._instruments[_names.CONTEXT_EXIT_DURATION.name].record(
-            seconds, {_names.ATTR_SUBJECT: subject, _names.ATTR_OUTCOME: outcome}
-        )
+        key = (subject, outcome)
+        point = self._exit_points.get(key)
+        if point is None:
+            point = self._exit.point(
+                key, {_names.ATTR_SUBJECT: subject, _names.ATTR_OUTCOME: outcome}
+            )
+        point[bisect_left(_BOUNDS, seconds)] += 1
+        point[_SUM] += seconds
+        if seconds < point[_MIN]:
+            point[_MIN] = seconds
+        if seconds > point[_MAX]:
+            point[_MAX] = seconds
 
     def record_next(self, subject: str, seconds: float) -> None:
-        self._instruments[_names.ITERATOR_NEXT_DURATION.name].record(
-            seconds, {_names.ATTR_SUBJECT: subject}
-        )
+        point = self._next_points.get(subject)
+        if point is None:
+            point = self._next.point(subject, {_names.ATTR_SUBJECT: subject})
+        point[bisect_left(_BOUNDS, seconds)] += 1
+        point[_SUM] += seconds
+        if seconds < point[_MIN]:
+            point[_MIN] = seconds
+        if seconds > point[_MAX]:
+            point[_MAX] = seconds
 
     def add_yields(self, subject: str, count: int = 1) -> None:
-        self._instruments[_names.ITERATOR_YIELDS.name].add(count, {_names.ATTR_SUBJECT: subject})
+        totals = self._yield_totals
+        if subject in totals:
+            totals[subject] += count
+        else:
+            self._yields.add_new(subject, {_names.ATTR_SUBJECT: subject}, count)
 
     def asyncgen_active(self, delta: int) -> None:
-        self._instruments[_names.ASYNCGEN_ACTIVE.name].add(delta)
+        self._asyncgen_active += delta
 
     def record_loop_lag(self, seconds: float) -> None:
-        self._instruments[_names.LOOP_LAG.name].record(seconds)
+        self._lag.record(None, {}, seconds)
 
     def record_slow_callback(self, seconds: float) -> None:
-        self._instruments[_names.LOOP_SLOW_CALLBACK_DURATION.name].record(seconds)
+        self._slow.record(None, {}, seconds)
 
     def add_task_count_source(self, source: TaskCountSource) -> None:
         """``source()`` yields ``(pending_task_count, attributes)`` per loop at collection."""
@@ -105,7 +468,21 @@ class Telemetry:
         if source in self._task_sources:
             self._task_sources.remove(source)
 
-    def _observe_tasks(self, options: CallbackOptions) -> Iterable[Observation]:
+    # -- collection (runs on the SDK's collecting thread, never on the loop) -----------------
+    def _observe(self, name: str) -> Iterable[Observation]:
+        if self._late_binding:
+            self._bind_late()
+        if name == _names.ITERATOR_YIELDS.name:
+            return self._yields.observations()
+        if name == _names.FINDINGS.name:
+            return self._findings.observations()
+        if name == _names.ASYNCGEN_ACTIVE.name:
+            return [Observation(self._asyncgen_active)]
+        if name == _names.LOOP_TASKS.name:
+            return self._observe_tasks()
+        return ()
+
+    def _observe_tasks(self) -> list[Observation]:
         observations: list[Observation] = []
         for source in list(self._task_sources):
             try:
@@ -114,18 +491,208 @@ class Telemetry:
                 logger.debug("asyncdiag: task count source failed", exc_info=True)
         return observations
 
+    def _bind_late(self) -> None:
+        """The API proxy is collecting, so the application has set a real MeterProvider."""
+        provider = metrics.get_meter_provider()
+        if _is_api_default(provider):
+            return
+        with self._lock:
+            if self._late_binding:
+                self._late_binding = False
+                self._bind_histograms(provider, late=True)
+
+    def _bind_histograms(self, provider: Any, *, late: bool = False) -> None:
+        """Deliver the pre-aggregated histograms to ``provider``'s readers."""
+        readers = _sdk_readers(provider)
+        if readers is None:
+            if late:
+                if not self._unsupported_logged:
+                    self._unsupported_logged = True
+                    logger.warning(
+                        "asyncdiag: the MeterProvider set after asyncdiag started (%s) is not "
+                        "the OpenTelemetry SDK's; asyncdiag's duration histograms are not "
+                        "exported through it (counters and gauges are)",
+                        type(provider).__qualname__,
+                    )
+                return
+            self._record_directly(provider)
+            return
+        if getattr(provider, "_disabled", False):
+            return
+        resource = getattr(getattr(provider, "_sdk_config", None), "resource", None)
+        for reader in readers:
+            if reader in self._hooked:
+                continue
+            original = reader._receive_metrics
+            self._patcher.set(reader, "_receive_metrics",
+                              _ReceiveHook(self, reader, original, resource))
+            self._hooked.add(reader)
+
+    def _record_directly(self, provider: Any) -> None:
+        """Fallback for a non-SDK MeterProvider: one synchronous record per measurement."""
+        from . import __version__
+
+        meter = provider.get_meter(_names.INSTRUMENTATION_SCOPE, __version__)
+        made = {
+            spec.name: meter.create_histogram(
+                spec.name, unit=spec.unit, description=spec.description,
+                explicit_bucket_boundaries_advisory=list(_BOUNDS),
+            )
+            for spec in _names.METRICS if spec.instrument == "histogram"
+        }
+        enter = made[_names.CONTEXT_ENTER_DURATION.name].record
+        exit_ = made[_names.CONTEXT_EXIT_DURATION.name].record
+        next_ = made[_names.ITERATOR_NEXT_DURATION.name].record
+        lag = made[_names.LOOP_LAG.name].record
+        slow = made[_names.LOOP_SLOW_CALLBACK_DURATION.name].record
+        subject_key, outcome_key = _names.ATTR_SUBJECT, _names.ATTR_OUTCOME
+
+        def record_enter(subject: str, seconds: float) -> None:
+            enter(seconds, {subject_key: subject})
+
+        def record_exit(subject: str, outcome: _names.Outcome, seconds: float) -> None:
+            exit_(seconds, {subject_key: subject, outcome_key: outcome})
+
+        def record_next(subject: str, seconds: float) -> None:
+            next_(seconds, {subject_key: subject})
+
+        def record_loop_lag(seconds: float) -> None:
+            lag(seconds)
+
+        def record_slow_callback(seconds: float) -> None:
+            slow(seconds)
+
+        # Instance attributes shadow the aggregating methods; stop() removes them.
+        self.__dict__.update(
+            record_enter=record_enter, record_exit=record_exit, record_next=record_next,
+            record_loop_lag=record_loop_lag, record_slow_callback=record_slow_callback,
+        )
+        logger.info(
+            "asyncdiag: MeterProvider %s is not the OpenTelemetry SDK's; duration histograms "
+            "are recorded through its API (slower than asyncdiag's own aggregation)",
+            type(provider).__qualname__,
+        )
+
+    def _merge_histograms(self, reader: Any, data: MetricsData, resource: Any) -> MetricsData:
+        """``data`` plus asyncdiag's histograms, in the temporality ``reader`` asked for."""
+        from opentelemetry.sdk.metrics import Histogram as SdkHistogram
+        from opentelemetry.sdk.metrics.export import (
+            AggregationTemporality,
+            Metric,
+            MetricsData,
+            ResourceMetrics,
+            ScopeMetrics,
+        )
+        from opentelemetry.sdk.metrics.export import Histogram as HistogramData
+        from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+
+        from . import __version__
+
+        temporalities = getattr(reader, "_instrument_class_temporality", {})
+        temporality = temporalities.get(SdkHistogram, AggregationTemporality.CUMULATIVE)
+        delta = temporality == AggregationTemporality.DELTA
+        now = time_ns()
+        new_metrics = []
+        for histogram in self._histograms:
+            points = self._data_points(reader, histogram, delta, now)
+            if points:
+                spec = histogram.spec
+                new_metrics.append(Metric(
+                    name=spec.name, description=spec.description, unit=spec.unit,
+                    data=HistogramData(data_points=points, aggregation_temporality=temporality),
+                ))
+        if not new_metrics:
+            return data
+        resource_metrics = list(data.resource_metrics)
+        if not resource_metrics:
+            if resource is None:
+                return data
+            resource_metrics = [ResourceMetrics(resource=resource, scope_metrics=[],
+                                                schema_url="")]
+        first = resource_metrics[0]
+        scopes = list(first.scope_metrics)
+        for index, scope_metrics in enumerate(scopes):
+            if scope_metrics.scope.name == _names.INSTRUMENTATION_SCOPE:
+                scopes[index] = ScopeMetrics(
+                    scope=scope_metrics.scope,
+                    metrics=[*scope_metrics.metrics, *new_metrics],
+                    schema_url=scope_metrics.schema_url,
+                )
+                break
+        else:
+            scopes.append(ScopeMetrics(
+                scope=InstrumentationScope(_names.INSTRUMENTATION_SCOPE, __version__),
+                metrics=new_metrics, schema_url="",
+            ))
+        resource_metrics[0] = ResourceMetrics(
+            resource=first.resource, scope_metrics=scopes, schema_url=first.schema_url
+        )
+        return MetricsData(resource_metrics=resource_metrics)
+
+    def _data_points(self, reader: Any, histogram: _Histogram, delta: bool,
+                     now: int) -> list[HistogramDataPoint]:
+        from opentelemetry.sdk.metrics.export import HistogramDataPoint
+
+        bounds = list(_BOUNDS)
+        result: list[HistogramDataPoint] = []
+        previous_state = self._delta_state.setdefault(reader, {}) if delta else None
+        for key, attributes, point in histogram.snapshot():
+            counts = [int(c) for c in point[:_NBUCKETS]]
+            total, low, high = point[_SUM], point[_MIN], point[_MAX]
+            start = histogram.start_ns
+            if previous_state is not None:
+                state_key = (histogram.spec.name, key)
+                previous, start = previous_state.get(state_key, (None, histogram.start_ns))
+                previous_state[state_key] = (point, now)
+                if previous is not None:
+                    counts = [c - int(p) for c, p in zip(counts, previous[:_NBUCKETS], strict=True)]
+                    total -= previous[_SUM]
+                    low, high = _delta_min_max(counts, low, high)
+            count = sum(counts)
+            if count == 0:
+                continue
+            result.append(HistogramDataPoint(
+                attributes=attributes, start_time_unix_nano=start, time_unix_nano=now,
+                count=count, sum=total, bucket_counts=counts, explicit_bounds=bounds,
+                min=low, max=high,
+            ))
+        return result
+
     # -- findings ---------------------------------------------------------------------------
     def _finding_sink(self, finding: Finding, span: Any) -> None:
-        self._instruments[_names.FINDINGS.name].add(1, {_names.ATTR_KIND: finding.kind})
+        totals = self._findings.totals
+        if finding.kind in totals:
+            totals[finding.kind] += 1
+        else:
+            self._findings.add_new(finding.kind, {_names.ATTR_KIND: finding.kind}, 1)
         target = span if span is not None else trace.get_current_span()
         if target.is_recording():
-            attributes: dict[str, str | int | float] = {
-                "asyncdiag.kind": finding.kind,
-                "asyncdiag.subject": finding.subject,
-                "asyncdiag.message": finding.message,
-            }
-            if finding.location:
-                attributes["code.location"] = finding.location
-            if finding.duration is not None:
-                attributes["asyncdiag.duration"] = finding.duration
-            target.add_event(_names.FINDING_EVENT, attributes)
+            target.add_event(_names.FINDING_EVENT, finding_event_attributes(finding))
+
+
+def finding_event_attributes(finding: Finding) -> dict[str, AttributeValue]:
+    """The attributes of a finding's span event. Only the contract's fields: kind, subject
+    (a code name), location (``path:line``), message and duration; never the task name (it
+    may be built from request data) nor the stack."""
+    attributes: dict[str, AttributeValue] = {
+        _names.EVENT_ATTR_KIND: finding.kind,
+        _names.EVENT_ATTR_SUBJECT: finding.subject,
+        _names.EVENT_ATTR_MESSAGE: finding.message,
+    }
+    if finding.location:
+        attributes[_names.EVENT_ATTR_LOCATION] = finding.location
+    if finding.duration is not None:
+        attributes[_names.EVENT_ATTR_DURATION] = finding.duration
+    return attributes
+
+
+def _delta_min_max(counts: Sequence[int], low: float, high: float) -> tuple[float, float]:
+    """Bounds for a delta interval's min/max: only cumulative extremes are tracked (two more
+    stores per record would cost the hot path), so they are clipped to the occupied buckets."""
+    occupied = [i for i, c in enumerate(counts) if c]
+    if not occupied:
+        return math.inf, -math.inf
+    first, last = occupied[0], occupied[-1]
+    lower_bound = _BOUNDS[first - 1] if first > 0 else -math.inf
+    upper_bound = _BOUNDS[last] if last < len(_BOUNDS) else math.inf
+    return max(low, lower_bound), min(high, upper_bound)
