@@ -55,8 +55,18 @@ ATTR_KIND = "kind"
 Outcome = Literal["ok", "error", "suppressed", "cancelled"]
 OUTCOMES: tuple[Outcome, ...] = ("ok", "error", "suppressed", "cancelled")
 
-# Span event for a finding.
+# Span event for a finding, and its attribute keys. Only code names, locations and the
+# detector's sentence: never argument values, task names or stacks.
 FINDING_EVENT = "asyncdiag.finding"
+EVENT_ATTR_KIND = "asyncdiag.finding.kind"
+EVENT_ATTR_SUBJECT = ATTR_SUBJECT
+EVENT_ATTR_MESSAGE = "asyncdiag.finding.message"
+EVENT_ATTR_LOCATION = "asyncdiag.finding.location"
+EVENT_ATTR_DURATION = "asyncdiag.finding.duration"
+FINDING_EVENT_ATTRIBUTES: tuple[str, ...] = (
+    EVENT_ATTR_KIND, EVENT_ATTR_SUBJECT, EVENT_ATTR_MESSAGE, EVENT_ATTR_LOCATION,
+    EVENT_ATTR_DURATION,
+)
 
 InstrumentKind = Literal["histogram", "counter", "up_down_counter", "observable_gauge"]
 
