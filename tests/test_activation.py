@@ -59,10 +59,17 @@ def test_pth_does_nothing_when_not_enabled() -> None:
     assert result.stderr == ""
 
 
-@pytest.mark.parametrize("value", ["0", "", "no"])
+@pytest.mark.parametrize("value", ["0", ""])
 def test_pth_does_nothing_when_disabled(value: str) -> None:
     result = run_python(REPORT_STATE, ASYNCDIAG_ENABLED=value)
     assert result.stdout.split() == ["not-imported", "not-installed"]
+
+
+@pytest.mark.parametrize("value", ["no", "false", "off", "2"])
+def test_pth_does_not_install_for_other_false_values(value: str) -> None:
+    result = run_python(REPORT_STATE, ASYNCDIAG_ENABLED=value)
+    assert result.returncode == 0
+    assert result.stdout.split()[1] == "not-installed"
 
 
 def test_pth_installs_at_startup_when_enabled() -> None:

@@ -1,6 +1,9 @@
-"""Imported by ``asyncdiag_autostart.pth`` at interpreter start-up when ASYNCDIAG_ENABLED=1.
+"""Imported by ``asyncdiag_autostart.pth`` at interpreter start-up when ASYNCDIAG_ENABLED is
+set to something other than empty or ``0``.
 
-Whatever happens here, the host program starts: a failed install is one warning on stderr.
+The .pth line is kept minimal because site.py compiles it at every interpreter start, agent on
+or off; the exact truth test of the variable happens here. Whatever happens here, the host
+program starts: a failed install is one warning on stderr.
 """
 
 from __future__ import annotations
@@ -8,9 +11,10 @@ from __future__ import annotations
 
 def _autostart() -> None:
     try:
-        from . import _lifecycle
+        from . import _config, _lifecycle
 
-        _lifecycle.install()
+        if _config.env_flag_enabled():
+            _lifecycle.install()
     except BaseException as exc:
         import sys
 
