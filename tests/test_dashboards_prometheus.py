@@ -76,8 +76,10 @@ def http_get(url: str, timeout: float = 5.0) -> bytes:
 
 
 def regex_escape(value: str) -> str:
-    """Grafana's escaping of a multi-value variable for a Prometheus ``=~`` matcher."""
-    return re.sub(r"([\\^$*+?.()|{}\[\]])", r"\\\1", value)
+    """Grafana's escaping of a multi-value variable for a Prometheus ``=~`` matcher: regex
+    escapes, themselves escaped for the double-quoted PromQL string (``a\\\\.b``)."""
+    value = value.replace("\\", "\\\\\\\\")
+    return re.sub(r"([$^*{}\[\]'+?.()|])", r"\\\\\1", value)
 
 
 def fill(expr: str, subject: str = ".*") -> str:
