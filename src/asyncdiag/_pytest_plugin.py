@@ -20,6 +20,7 @@ import dataclasses
 import fnmatch
 import gc
 import os
+import sys
 import threading
 from collections.abc import Generator, Iterable
 from pathlib import Path
@@ -371,7 +372,10 @@ class AsyncdiagPlugin:
         from . import _lifecycle
 
         if _lifecycle.current() is None:
-            _lifecycle.install(**self.install_kwargs)
+            try:
+                _lifecycle.install(**self.install_kwargs)
+            except _lifecycle.InstallError as exc:
+                raise pytest.UsageError(f"asyncdiag: {exc}") from exc
             self._we_installed = True
 
     def _uninstall_if_ours(self) -> None:
@@ -409,11 +413,14 @@ class AsyncdiagPlugin:
         return self.every_test or item.get_closest_marker(MARKER) is not None
 
     # -- session -------------------------------------------------------------------------
-    def pytest_sessionstart(self, session: pytest.Session) -> None:
+    def pytest_configure(self, config: pytest.Config) -> None:
+        # Installed here rather than at session start: an agent that cannot start is then a
+        # clear usage error instead of an internal error, and import-time findings of
+        # collected modules are seen.
+        config.add_cleanup(self._shutdown)
         if self.every_test:
             self._listen()
             self._ensure_installed()
-            self.config.add_cleanup(self._shutdown)
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
@@ -496,18 +503,21 @@ class AsyncdiagPlugin:
     ) -> None:
         rules = item.stash.get(_RULES, self.ini_rules)
         failing: list[_findings.Finding] = []
+        testing = sys.modules.get("asyncdiag.testing")
         for finding in findings:
+            if testing is not None and testing.is_claimed(finding):
+                continue  # the test captured it with asyncdiag.testing.capture() to assert on
             rule = next((r for r in rules if r.matches(finding, self.rootpath)), None)
             if rule is not None:
                 self.allowed.append(_Listed(item.nodeid, finding, f"allowed by {rule}"))
-                report.user_properties.append(
-                    (PROPERTY_ALLOWED, f"{_one_line(finding, self.rootpath)} [{rule}]"))
+                self._add_property(item, report, PROPERTY_ALLOWED,
+                                   f"{_one_line(finding, self.rootpath)} [{rule}]")
             elif finding.kind in self.fail_on:
                 failing.append(finding)
             else:
                 self.reported.append(_Listed(item.nodeid, finding, "not in asyncdiag_fail_on"))
-                report.user_properties.append(
-                    (PROPERTY_REPORTED, _one_line(finding, self.rootpath)))
+                self._add_property(item, report, PROPERTY_REPORTED,
+                                   _one_line(finding, self.rootpath))
         if not failing:
             return
         text = format_failure(failing, self.rootpath, when=when)
@@ -518,6 +528,14 @@ class AsyncdiagPlugin:
             report.sections.append(("asyncdiag findings", text))
         if item.nodeid not in self.failed_tests:
             self.failed_tests.append(item.nodeid)
+
+    @staticmethod
+    def _add_property(
+        item: pytest.Item, report: pytest.TestReport, name: str, value: str
+    ) -> None:
+        # junitxml writes the properties of the teardown report, which copies the item's.
+        report.user_properties.append((name, value))
+        item.user_properties.append((name, value))
 
     # -- report --------------------------------------------------------------------------
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
