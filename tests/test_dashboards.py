@@ -437,6 +437,12 @@ def test_compose_demo_service() -> None:
     grpc = collector["receivers"]["otlp"]["protocols"]["grpc"]["endpoint"]
     assert _port_of(grpc)[1] == port == 4317
     assert env["OTEL_EXPORTER_OTLP_PROTOCOL"] == "grpc"
+    # The agent is installed at interpreter start, before the demo's setdefault of its short
+    # thresholds could matter; compose gives the same values, so the demo behaves as
+    # `asyncdiag demo` does on a laptop.
+    from asyncdiag import _demo
+
+    assert {k: env[k] for k in _demo._DEMO_DEFAULTS} == _demo._DEMO_DEFAULTS
     # Activation is the environment variable only: nothing in the image turns it on.
     text = dockerfile.read_text(encoding="utf-8")
     assert "ASYNCDIAG_ENABLED" not in re.sub(r"(?m)^#.*$", "", text)
