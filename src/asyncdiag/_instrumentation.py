@@ -1,24 +1,226 @@
-"""PLACEHOLDER: implemented by its own issue."""
+"""Instrumentation of the user's async context managers, async iterators and generators.
+
+The component turns the configured targets into patches (see ``_targets``) and makes the
+wrappers (``_proxies``) measure while it runs; ``stop`` restores every patch. The decorator
+``asyncdiag.instrument`` works with or without an installed agent: a decorated class is
+patched while an agent runs, and a decorated function returns exactly what the undecorated
+one would while none does.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, TypeVar
+import logging
+import sys
+import threading
+import weakref
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, TypeVar
 
-T = TypeVar("T")
+from . import _proxies, _safety, _targets
+from ._patching import Patcher
 
 if TYPE_CHECKING:
     from ._lifecycle import Agent
+
+T = TypeVar("T")
+
+logger = logging.getLogger("asyncdiag")
+
+# Classes opted in with @asyncdiag.instrument: patched on every install, restored on uninstall.
+_EXPLICIT_CLASSES: weakref.WeakSet[type] = weakref.WeakSet()
+_ACTIVE: Instrumentation | None = None
+_NOT_INSTRUMENTABLE = (
+    "is not an async context manager class, an async iterator class, an async generator "
+    "function or an @asynccontextmanager function"
+)
 
 
 class Instrumentation:
     name = "instrumentation"
 
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._patcher = Patcher()
+        self._active = False
+        self._finder: _targets.GlobFinder | None = None
+        self._warned: set[str] = set()
+        self._exact: dict[str, list[_targets.Target]] = {}
+
+    # -- component ------------------------------------------------------------------------
     def start(self, agent: Agent) -> None:
-        pass
+        global _ACTIVE
+        _proxies.RUNTIME = _proxies.Runtime(agent.telemetry, agent.config.slow_teardown_threshold)
+        self._active = True
+        _ACTIVE = self
+        for cls in list(_EXPLICIT_CLASSES):
+            self.patch_class(cls)
+        targets = [_targets.parse(text) for text in agent.config.instrument]
+        for target in targets:
+            if target.is_glob:
+                continue
+            if target.module not in sys.modules and not _targets.module_findable(target.module):
+                self._warn(target.text, f"module {target.module!r} cannot be found; the "
+                           "target is patched if the module is ever imported")
+            self._exact.setdefault(target.module, []).append(target)
+        globs = tuple(t.module for t in targets if t.is_glob)
+        if self._exact or globs:
+            _targets.ensure_wrapt_finder()
+        pre_imported: list[ModuleType] = []
+        if globs:
+            self._finder = _targets.GlobFinder(globs, self._on_glob_import)
+            sys.meta_path.insert(0, self._finder)
+            for name, module in list(sys.modules.items()):
+                if isinstance(module, ModuleType) and self._finder.matches(name):
+                    pre_imported.append(module)
+        originals: dict[int, Any] = {}
+        for module_name in list(self._exact):
+            if module_name in sys.modules:
+                module = sys.modules[module_name]
+                originals.update(self._apply_exact(module))
+            else:
+                import wrapt
+
+                wrapt.register_post_import_hook(self._on_exact_import, module_name)
+        for module in pre_imported:
+            originals.update(self._apply_glob(module))
+        if originals:
+            self._patch_reexports(originals)
 
     def stop(self) -> None:
-        pass
+        global _ACTIVE
+        _proxies.RUNTIME = None
+        with self._lock:
+            self._active = False
+            if _ACTIVE is self:
+                _ACTIVE = None
+            finder, self._finder = self._finder, None
+            if finder is not None:
+                finder.active = False
+                if finder in sys.meta_path:
+                    sys.meta_path.remove(finder)
+            left = self._patcher.restore_all()
+            self._exact.clear()
+        if left:
+            logger.warning(
+                "asyncdiag: %d instrumentation patch(es) were wrapped again by other code and "
+                "were left in place, passing through: %s", len(left), ", ".join(left),
+            )
+
+    # -- patching -------------------------------------------------------------------------
+    def patch_class(self, cls: type) -> None:
+        with self._lock:
+            if self._active and not _targets.is_patched_class(cls):
+                _targets.patch_class(cls, self._patcher)
+
+    def _patch(self, owner: Any, name: str, raw: Any, label: str) -> Any:
+        """Instrument ``owner.name`` (whose raw value is ``raw``). Returns the original function
+        that was replaced (for re-export patching), else None."""
+        kind = _targets.classify(raw)
+        if kind is None:
+            self._warn(label, f"{label} {_NOT_INSTRUMENTABLE}; ignored")
+            return None
+        if kind == _targets.ALREADY:
+            return None
+        if kind == _targets.CLASS:
+            self.patch_class(raw)
+            return None
+        wrapper = _proxies.InstrumentedFunction(raw, _targets.site_of(raw), kind)
+        with self._lock:
+            if not self._active:
+                return None
+            self._patcher.set(owner, name, wrapper)
+        return raw
+
+    def _apply_exact(self, module: ModuleType) -> dict[int, Any]:
+        replaced: dict[int, Any] = {}
+        for target in self._exact.get(module.__name__, []):
+            assert target.qualname is not None
+            try:
+                owner, name, raw = _targets.resolve(module, target.qualname)
+            except AttributeError:
+                self._warn(target.text, f"module {module.__name__!r} has no attribute "
+                           f"{target.qualname!r}; target {target.text!r} ignored")
+                continue
+            original = self._patch(owner, name, raw, target.text)
+            if original is not None:
+                replaced[id(original)] = (original, replaced_by(owner, name))
+        return replaced
+
+    def _apply_glob(self, module: ModuleType) -> dict[int, Any]:
+        replaced: dict[int, Any] = {}
+        for owner, name, raw in _targets.defined_objects(module):
+            if _targets.classify(raw) is None:
+                continue
+            original = self._patch(owner, name, raw, f"{module.__name__}:{name}")
+            if original is not None:
+                replaced[id(original)] = (original, replaced_by(owner, name))
+        return replaced
+
+    def _patch_reexports(self, replaced: dict[int, Any]) -> None:
+        """Modules imported before install may hold a function under another name (``from
+        .streams import paginated_stream as stream``): point those names at the wrapper too."""
+        for module in list(sys.modules.values()):
+            if not isinstance(module, ModuleType):
+                continue
+            try:
+                items = list(vars(module).items())
+            except TypeError:
+                continue
+            for name, value in items:
+                entry = replaced.get(id(value))
+                if entry is not None and entry[0] is value:
+                    with self._lock:
+                        if self._active:
+                            self._patcher.set(module, name, entry[1])
+
+    # -- import hooks (run inside the importing thread, right after the module's code) -------
+    def _on_exact_import(self, module: ModuleType) -> None:
+        if not self._active:
+            return
+        try:
+            self._apply_exact(module)
+        except Exception as exc:
+            _safety.hook_failed("instrumentation import hook", exc)
+
+    def _on_glob_import(self, module: ModuleType) -> None:
+        if not self._active:
+            return
+        try:
+            self._apply_glob(module)
+        except Exception as exc:
+            _safety.hook_failed("instrumentation import hook", exc)
+
+    def _warn(self, key: str, message: str) -> None:
+        if key in self._warned:
+            return
+        self._warned.add(key)
+        logger.warning("asyncdiag: %s", message)
+
+
+def replaced_by(owner: Any, name: str) -> Any:
+    return Patcher.raw(owner, name) if isinstance(owner, type) else getattr(owner, name)
 
 
 def instrument(target: T) -> T:
-    return target
+    """``@asyncdiag.instrument``: see ``asyncdiag.instrument``."""
+    try:
+        kind = _targets.classify(target)
+        if kind is None:
+            label = getattr(target, "__qualname__", repr(target))
+            logger.warning("asyncdiag: instrument(%s): it %s; left as it is", label,
+                           _NOT_INSTRUMENTABLE)
+            return target
+        if kind == _targets.ALREADY:
+            return target
+        if kind == _targets.CLASS:
+            assert isinstance(target, type)
+            _EXPLICIT_CLASSES.add(target)
+            active = _ACTIVE
+            if active is not None:
+                active.patch_class(target)
+            return target
+        wrapped: T = _proxies.InstrumentedFunction(target, _targets.site_of(target), kind)
+        return wrapped
+    except Exception as exc:
+        _safety.hook_failed("asyncdiag.instrument", exc)
+        return target

@@ -1,0 +1,811 @@
+"""The wrappers that measure instrumented async context managers and iterators.
+
+Everything here runs on the host's hot path, so it is written for cost first: no span object
+when the sampler would drop it (``_spans``), metrics aggregated in-process by ``Telemetry``,
+the caller's line looked up only when a finding is reported or a span records it.
+
+Transparency rules followed throughout:
+
+* the original method's awaitable is awaited exactly once, with the same arguments, and its
+  result (or exception object) is handed back unchanged;
+* our own frame is removed from the traceback of an exception that passed through it (on
+  3.11+, where a bare ``raise`` keeps the edited traceback; 3.10 keeps one extra frame);
+* native async generators cannot be patched, so the generator function is wrapped and what it
+  returns is a ``wrapt.ObjectProxy`` (``isinstance``/``inspect.isasyncgen`` answer as for the
+  generator). ``async for`` over the proxy drives a native delegating generator, so that an
+  item costs one generator resumption and a few local-variable stores, not a Python call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import inspect
+import sys
+import weakref
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from dataclasses import dataclass
+from time import perf_counter
+from types import CodeType, FrameType
+from typing import Any
+
+import wrapt
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace import Status, StatusCode
+
+from . import _findings, _names, _safety, _spans
+
+_CancelledError = asyncio.CancelledError
+_get_running_loop = asyncio.events._get_running_loop
+_current_task = asyncio.current_task
+_HAS_CANCELLING = sys.version_info >= (3, 11)
+
+# One item in this many gets its __anext__ timed (and, on 3.11+, checked for a cancellation
+# that went in and did not come out). Every item is counted. A clock read costs about as much
+# as the whole per-item budget on the machines we measured, so timing every item is not
+# affordable; a power of two keeps the test to one AND.
+TIMING_STRIDE_MASK = 15
+
+# Open (entered, not yet exited) context managers that have a span, and iterations of class
+# based iterators: bounded, so that abandoned blocks cannot grow memory without limit.
+MAX_OPEN = 10_000
+
+HOOK_NAME = "instrumentation"
+
+# wrapt's stubs make these generic; the wrappers here are deliberately untyped pass-throughs.
+_ObjectProxy: Any = wrapt.ObjectProxy
+_FunctionWrapper: Any = wrapt.FunctionWrapper
+
+
+@dataclass(frozen=True)
+class Site:
+    """What an instrumented object is called in telemetry."""
+
+    subject: str  # module-qualified name: the metrics' asyncdiag.subject, findings' subject
+    qualname: str
+    with_span: str
+    for_span: str
+
+    @classmethod
+    def of(cls, module: str, qualname: str) -> Site:
+        subject = f"{module}.{qualname}" if module else qualname
+        return cls(
+            subject, qualname,
+            _names.async_with_span_name(qualname), _names.async_for_span_name(qualname),
+        )
+
+
+class Runtime:
+    """Shared by every wrapper while the agent is installed (``RUNTIME`` is None otherwise)."""
+
+    def __init__(self, telemetry: Any, slow_teardown: float) -> None:
+        self.telemetry = telemetry
+        self.slow_teardown = slow_teardown
+        self.tracer = telemetry.tracer
+        self.mode, self.mode_final = _spans.evaluate(self.tracer)
+        self.tracing = self.mode != _spans.NEVER or not self.mode_final
+        self.open: dict[int, list[_Open]] = {}
+        self.pending_detach: dict[int, _Open] = {}
+        self.iterations: dict[int, _Iteration] = {}
+
+    def start_span(self, name: str) -> Any:
+        """A span for ``name`` when it would be sampled, else None (nothing to attach)."""
+        if not self.mode_final:
+            self.mode, self.mode_final = _spans.evaluate(self.tracer)
+            self.tracing = self.mode != _spans.NEVER or not self.mode_final
+        mode = self.mode
+        if mode == _spans.NEVER:
+            return None
+        if mode == _spans.FOLLOW_PARENT:
+            if _spans.parent_sampled() is not True:
+                return None
+        elif mode == _spans.FOLLOW_PARENT_ROOT_ON and _spans.parent_sampled() is False:
+            return None
+        return self.tracer.start_span(name)
+
+
+RUNTIME: Runtime | None = None
+
+
+def failed(exc: BaseException) -> None:
+    """An internal error: log once, and stop measuring (wrappers pass through from now on)."""
+    global RUNTIME
+    RUNTIME = None
+    _safety.hook_failed(HOOK_NAME, exc)
+
+
+def _trim(exc: BaseException, code: CodeType) -> None:
+    """Drop our frame from the head of ``exc``'s traceback (see the module docstring)."""
+    tb = exc.__traceback__
+    if tb is not None and tb.tb_frame.f_code is code:
+        exc.__traceback__ = tb.tb_next
+
+
+def _location(frame: FrameType | None) -> str | None:
+    if frame is None:
+        return None
+    return f"{frame.f_code.co_filename}:{frame.f_lineno}"
+
+
+def _task_name() -> str | None:
+    try:
+        task = _current_task() if _get_running_loop() is not None else None
+    except Exception:
+        return None
+    return task.get_name() if task is not None else None
+
+
+def _cancelling() -> tuple[Any, int]:
+    """The current task and how many cancellation requests it has pending (3.11+)."""
+    if _get_running_loop() is None:
+        return None, 0
+    task = _current_task()
+    cancelling = getattr(task, "cancelling", None)
+    if cancelling is None:
+        return None, 0
+    return task, cancelling()
+
+
+def _format_seconds(seconds: float) -> str:
+    if seconds >= 1:
+        return f"{seconds:.2f} s"
+    return f"{seconds * 1000:.1f} ms"
+
+
+# -- context propagation ------------------------------------------------------------------------
+
+# Set in the same Context as the OTel attach: resetting its token succeeds only in that Context,
+# which tells us whether detaching the OTel token is possible here (an ``__aexit__`` awaited in
+# another task, as ``parallel_resource_teardown`` does, runs in a copy) without OTel's
+# "Failed to detach context" error.
+_PROBE: contextvars.ContextVar[None] = contextvars.ContextVar("asyncdiag_probe")
+
+
+class _Open:
+    __slots__ = ("ctx", "ended", "enter_duration", "obj", "probe", "span", "task", "token")
+
+    def __init__(self, span: Any, obj: Any) -> None:
+        self.span = span
+        self.obj = obj  # strong: the id() key must not be reused while this is open
+        self.ctx = trace.set_span_in_context(span)
+        self.token = otel_context.attach(self.ctx)
+        self.probe = _PROBE.set(None)
+        self.task = _current_task() if _get_running_loop() is not None else None
+        self.enter_duration = 0.0
+        self.ended = False
+
+
+def _detach(rt: Runtime, record: _Open) -> None:
+    """Make the span's parent current again, in the Context that attached it, if that is the
+    Context running now and the span is still on top; otherwise leave it for later."""
+    record.ended = True
+    try:
+        _PROBE.reset(record.probe)
+    except (ValueError, RuntimeError):
+        # Another Context (another task): its own Context is not ours to change. It is
+        # unwound the next time a block is entered or exited in the attaching Context.
+        if len(rt.pending_detach) < MAX_OPEN:
+            rt.pending_detach[id(record.ctx)] = record
+        return
+    if otel_context.get_current() is record.ctx:
+        otel_context.detach(record.token)
+        _unwind(rt)
+    elif len(rt.pending_detach) < MAX_OPEN:
+        rt.pending_detach[id(record.ctx)] = record
+
+
+def _unwind(rt: Runtime) -> None:
+    """Detach spans that ended elsewhere (or out of order) and are now on top here."""
+    pending = rt.pending_detach
+    while pending:
+        record = pending.get(id(otel_context.get_current()))
+        if record is None or record.ctx is not otel_context.get_current():
+            return
+        try:
+            _PROBE.reset(record.probe)
+        except (ValueError, RuntimeError):
+            return
+        del pending[id(record.ctx)]
+        otel_context.detach(record.token)
+
+
+def _push_open(rt: Runtime, obj: Any, record: _Open) -> None:
+    opened = rt.open
+    if len(opened) >= MAX_OPEN:
+        # Blocks entered and never exited (their coroutine was dropped): end the oldest.
+        key = next(iter(opened))
+        for stale in opened.pop(key):
+            stale.span.set_attribute(_names.ATTR_OUTCOME, "abandoned")
+            stale.span.end()
+    opened.setdefault(id(obj), []).append(record)
+
+
+def _pop_open(rt: Runtime, obj: Any) -> _Open | None:
+    records = rt.open.get(id(obj))
+    if not records:
+        return None
+    task = _current_task() if _get_running_loop() is not None else None
+    index = len(records) - 1
+    for i in range(len(records) - 1, -1, -1):
+        if records[i].task is task and records[i].obj is obj:
+            index = i
+            break
+    record = records.pop(index)
+    if not records:
+        del rt.open[id(obj)]
+    return record if record.obj is obj else None
+
+
+def _end_with_span(
+    rt: Runtime, record: _Open, outcome: str, exit_duration: float,
+    exc_type: type[BaseException] | None, site: Site,
+) -> None:
+    span = record.span
+    span.set_attributes({
+        _names.ATTR_SUBJECT: site.subject,
+        _names.ATTR_OUTCOME: outcome,
+        "asyncdiag.enter.duration": record.enter_duration,
+        "asyncdiag.exit.duration": exit_duration,
+    })
+    if outcome == "error" and exc_type is not None:
+        span.set_status(Status(StatusCode.ERROR, exc_type.__qualname__))
+    span.end()
+    _detach(rt, record)
+
+
+# -- async context managers ---------------------------------------------------------------------
+
+def _outcome(exc_type: Any, suppress: Any) -> _names.Outcome:
+    if exc_type is None:
+        return "ok"
+    if suppress:
+        return "suppressed"
+    if isinstance(exc_type, type) and issubclass(exc_type, _CancelledError):
+        return "cancelled"
+    return "error"
+
+
+def _exit_findings(
+    rt: Runtime, site: Site, frame: FrameType | None, exc_type: Any, suppress: Any,
+    swallowed_new_cancel: bool, duration: float, span: Any,
+) -> None:
+    location = _location(frame)
+    if exc_type is not None and suppress:
+        if isinstance(exc_type, type) and issubclass(exc_type, _CancelledError):
+            _findings.report(
+                _names.SWALLOWED_CANCELLATION,
+                f"{site.qualname}.__aexit__ returned {suppress!r} and suppressed "
+                "CancelledError: the task was asked to stop and kept running",
+                site.subject, location=location, task=_task_name(), span=span,
+            )
+        else:
+            name = getattr(exc_type, "__qualname__", repr(exc_type))
+            _findings.report(
+                _names.SWALLOWED_EXCEPTION,
+                f"{site.qualname}.__aexit__ returned {suppress!r} and suppressed {name}: "
+                "the error raised in the `async with` body was silently discarded",
+                site.subject, location=location, task=_task_name(), span=span,
+            )
+    elif swallowed_new_cancel:
+        _findings.report(
+            _names.SWALLOWED_CANCELLATION,
+            f"{site.qualname}.__aexit__ caught a CancelledError delivered while it ran and "
+            "returned normally: the task was asked to stop and kept running",
+            site.subject, location=location, task=_task_name(), span=span,
+        )
+    if duration > rt.slow_teardown:
+        _findings.report(
+            _names.SLOW_TEARDOWN,
+            f"{site.qualname}.__aexit__ took {_format_seconds(duration)} (threshold "
+            f"{_format_seconds(rt.slow_teardown)})",
+            site.subject, location=location, duration=duration, task=_task_name(), span=span,
+        )
+
+
+Caller = Callable[..., Awaitable[Any]]
+
+
+def _dress(method: Any, original: Any) -> None:
+    """Names and docs of the original (what help(), repr and inspect show), and the marks
+    that say "instrumented" (no double patching) and how to reach the original."""
+    if inspect.isfunction(original):
+        for attr in ("__module__", "__name__", "__qualname__", "__doc__"):
+            try:
+                setattr(method, attr, getattr(original, attr))
+            except (AttributeError, TypeError):
+                pass
+    method.__wrapped__ = original
+    method.__asyncdiag_instrumented__ = True
+
+
+def make_cm_methods(
+    site: Site | None, call_enter: Caller, call_exit: Caller, *, dispatch: bool,
+) -> tuple[Callable[..., Awaitable[Any]], Callable[..., Awaitable[Any]]]:
+    """``__aenter__``/``__aexit__`` that measure the block and call the originals.
+
+    ``dispatch``: the methods are patched on a class and measure only when they are what
+    ``async with`` finds on ``type(self)``; called through ``super()`` from an override (or
+    from a subclass that overrides one of the pair) they pass through, so that one block is
+    measured once. ``site`` None: read it from ``self._self_site`` (proxies).
+    """
+    active = [True]
+
+    async def __aenter__(self: Any, *args: Any, **kwargs: Any) -> Any:
+        rt = RUNTIME
+        if rt is None or not active[0] or (dispatch and (
+            type(self).__aenter__ is not __aenter__ or type(self).__aexit__ is not __aexit__
+        )):
+            return await call_enter(self, *args, **kwargs)
+        record = None
+        if rt.tracing:
+            try:
+                if rt.pending_detach:
+                    _unwind(rt)
+                s = site if site is not None else self._self_site
+                span = rt.start_span(s.with_span)
+                if span is not None:
+                    frame = sys._getframe(1)
+                    span.set_attribute("code.filepath", frame.f_code.co_filename)
+                    span.set_attribute("code.lineno", frame.f_lineno)
+                    record = _Open(span, self)
+            except Exception as exc:
+                failed(exc)
+        t0 = perf_counter()
+        try:
+            result = await call_enter(self, *args, **kwargs)
+        except BaseException as exc:
+            t1 = perf_counter()
+            try:
+                s = site if site is not None else self._self_site
+                rt.telemetry.record_enter(s.subject, t1 - t0)
+                if record is not None:
+                    record.enter_duration = t1 - t0
+                    outcome = "cancelled" if isinstance(exc, _CancelledError) else "error"
+                    _end_with_span(rt, record, outcome, 0.0, type(exc), s)
+            except Exception as internal:
+                failed(internal)
+            _trim(exc, __aenter__.__code__)
+            raise
+        t1 = perf_counter()
+        try:
+            rt.telemetry.record_enter(
+                (site if site is not None else self._self_site).subject, t1 - t0
+            )
+            if record is not None:
+                record.enter_duration = t1 - t0
+                _push_open(rt, self, record)
+        except Exception as internal:
+            failed(internal)
+        return result
+
+    async def __aexit__(self: Any, *args: Any, **kwargs: Any) -> Any:
+        rt = RUNTIME
+        if rt is None or not active[0] or (dispatch and (
+            type(self).__aexit__ is not __aexit__ or type(self).__aenter__ is not __aenter__
+        )):
+            return await call_exit(self, *args, **kwargs)
+        record = None
+        task = None
+        cancelling = 0
+        try:
+            if rt.open:
+                record = _pop_open(rt, self)
+            if _HAS_CANCELLING:
+                task, cancelling = _cancelling()
+        except Exception as internal:
+            failed(internal)
+        t0 = perf_counter()
+        try:
+            suppress = await call_exit(self, *args, **kwargs)
+        except BaseException as exc:
+            t1 = perf_counter()
+            try:
+                s = site if site is not None else self._self_site
+                outcome: _names.Outcome = (
+                    "cancelled" if isinstance(exc, _CancelledError) else "error"
+                )
+                rt.telemetry.record_exit(s.subject, outcome, t1 - t0)
+                if t1 - t0 > rt.slow_teardown:
+                    _exit_findings(rt, s, sys._getframe(1), None, None, False, t1 - t0,
+                                   record.span if record is not None else None)
+                if record is not None:
+                    _end_with_span(rt, record, outcome, t1 - t0, type(exc), s)
+            except Exception as internal:
+                failed(internal)
+            _trim(exc, __aexit__.__code__)
+            raise
+        t1 = perf_counter()
+        try:
+            s = site if site is not None else self._self_site
+            exc_type = args[0] if args else kwargs.get("exc_type")
+            outcome = _outcome(exc_type, suppress)
+            rt.telemetry.record_exit(s.subject, outcome, t1 - t0)
+            new_cancel = (
+                task is not None and task.cancelling() > cancelling and outcome != "cancelled"
+            )
+            if (exc_type is not None and suppress) or new_cancel or t1 - t0 > rt.slow_teardown:
+                _exit_findings(rt, s, sys._getframe(1), exc_type, suppress, new_cancel,
+                               t1 - t0, record.span if record is not None else None)
+            if record is not None:
+                _end_with_span(rt, record, outcome, t1 - t0, exc_type, s)
+        except Exception as internal:
+            failed(internal)
+        return suppress
+
+    def disable() -> None:
+        active[0] = False
+
+    for method, original in ((__aenter__, call_enter), (__aexit__, call_exit)):
+        _dress(method, original)
+        method._self_disable = disable  # type: ignore[attr-defined]
+    return __aenter__, __aexit__
+
+
+class AsyncCMProxy(_ObjectProxy):  # type: ignore[misc]
+    """What an instrumented ``@asynccontextmanager`` function returns: its context manager,
+    measured. ``isinstance`` and attribute access go to the wrapped object."""
+
+    def __init__(self, wrapped: Any, site: Site) -> None:
+        super().__init__(wrapped)
+        self._self_site = site
+
+    __aenter__, __aexit__ = make_cm_methods(
+        None,
+        lambda self, *a, **k: self.__wrapped__.__aenter__(*a, **k),
+        lambda self, *a, **k: self.__wrapped__.__aexit__(*a, **k),
+        dispatch=False,
+    )
+
+    def __repr__(self) -> str:
+        return repr(self.__wrapped__)
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        return self.__wrapped__.__reduce_ex__(protocol)
+
+
+# -- async generators ---------------------------------------------------------------------------
+
+class _GenState:
+    __slots__ = ("user_close",)
+
+    def __init__(self) -> None:
+        self.user_close = False
+
+
+def _iteration_findings(
+    rt: Runtime, site: Site, where: str | None, kind: str, duration: float | None,
+    span: Any,
+) -> None:
+    if kind == _names.SLOW_TEARDOWN and duration is not None:
+        message = (f"aclose() of {site.qualname} took {_format_seconds(duration)} "
+                   f"(threshold {_format_seconds(rt.slow_teardown)})")
+    else:
+        message = (f"{site.qualname} caught a CancelledError delivered while it produced an "
+                   "item and went on: the consuming task was asked to stop and kept running")
+    _findings.report(kind, message, site.subject, location=where, duration=duration,
+                     task=_task_name(), span=span)
+
+
+def _end_iteration(
+    rt: Runtime, site: Site, span: Any, outcome: str, items: int, started: float,
+    first_item: float, last_timed_gap_max: float, timed: int, next_sum: float,
+    reported: int,
+) -> None:
+    rt.telemetry.add_yields(site.subject, items - reported)
+    if span is None:
+        return
+    end = perf_counter()
+    attributes: dict[str, Any] = {
+        _names.ATTR_SUBJECT: site.subject,
+        _names.ATTR_OUTCOME: outcome,
+        "asyncdiag.items": items,
+    }
+    if items > 1 and first_item:
+        attributes["asyncdiag.gap.mean"] = (end - first_item) / items
+    if timed:
+        attributes["asyncdiag.next.mean"] = next_sum / timed
+        attributes["asyncdiag.gap.max"] = last_timed_gap_max
+    attributes["asyncdiag.duration"] = end - started
+    span.set_attributes(attributes)
+    if outcome == "error":
+        span.set_status(Status(StatusCode.ERROR))
+    span.end()
+
+
+async def _observe(agen: Any, site: Site, state: _GenState) -> AsyncGenerator[Any, Any]:
+    """Drive ``agen`` for the consumer, item by item, and measure the iteration.
+
+    Forwards ``asend``/``athrow``/``aclose`` so the consumer cannot tell the difference; the
+    iteration's span runs from here (the first ``__anext__``) to exhaustion, error, close or
+    orphaning (closed by the loop's finalizer without the user calling ``aclose``).
+    """
+    rt = RUNTIME
+    anext_ = agen.__anext__
+    asend = agen.asend
+    caller = sys._getframe(1)
+    where = _location(caller)
+    del caller
+    span = None
+    started = perf_counter()
+    if rt is not None and rt.tracing:
+        try:
+            span = rt.start_span(site.for_span)
+            if span is not None and where is not None:
+                path, _, line = where.rpartition(":")
+                span.set_attribute("code.filepath", path)
+                span.set_attribute("code.lineno", int(line))
+        except Exception as internal:
+            failed(internal)
+            rt = None
+    subject = site.subject
+    record_next = rt.telemetry.record_next if rt is not None else None
+    items = 0
+    reported = 0
+    timed = 0
+    next_sum = 0.0
+    gap_max = 0.0
+    last_timed = started
+    first_item = 0.0
+    outcome = "ok"
+    sent: Any = None
+    try:
+        while True:
+            if items & TIMING_STRIDE_MASK or record_next is None:
+                try:
+                    item = await (anext_() if sent is None else asend(sent))
+                except StopAsyncIteration:
+                    break
+            else:
+                task, cancelling = _cancelling() if _HAS_CANCELLING else (None, 0)
+                t0 = perf_counter()
+                try:
+                    item = await (anext_() if sent is None else asend(sent))
+                except StopAsyncIteration:
+                    break
+                t1 = perf_counter()
+                try:
+                    if not items:
+                        first_item = t1
+                    record_next(subject, t1 - t0)
+                    next_sum += t1 - t0
+                    if t1 - last_timed > gap_max and timed:
+                        gap_max = t1 - last_timed
+                    last_timed = t1
+                    timed += 1
+                    if task is not None and task.cancelling() > cancelling and rt is not None:
+                        _iteration_findings(rt, site, where, _names.SWALLOWED_CANCELLATION,
+                                            None, span)
+                    if items - reported >= 4096 and rt is not None:
+                        # Long-lived streams: the yields counter moves while they run.
+                        rt.telemetry.add_yields(subject, items - reported)
+                        reported = items
+                except Exception as internal:
+                    failed(internal)
+                    record_next = None
+            items += 1
+            while True:
+                try:
+                    sent = yield item
+                    break
+                except GeneratorExit:
+                    outcome = "closed" if state.user_close else "orphaned"
+                    t0 = perf_counter()
+                    try:
+                        await agen.aclose()
+                    finally:
+                        took = perf_counter() - t0
+                        if rt is not None and took > rt.slow_teardown:
+                            _iteration_findings(rt, site, where, _names.SLOW_TEARDOWN, took,
+                                                span)
+                    raise
+                except BaseException as thrown:
+                    try:
+                        item = await agen.athrow(thrown)
+                    except StopAsyncIteration:
+                        return
+                    items += 1
+    except GeneratorExit:
+        raise
+    except BaseException as exc:
+        outcome = "cancelled" if isinstance(exc, _CancelledError) else "error"
+        _trim(exc, _observe.__code__)
+        raise
+    finally:
+        if rt is not None:
+            try:
+                _end_iteration(rt, site, span, outcome, items, started, first_item, gap_max,
+                               timed, next_sum, reported)
+            except Exception as internal:
+                failed(internal)
+
+
+_OBSERVE_CODE = _observe.__code__
+
+
+class AsyncGenProxy(_ObjectProxy):  # type: ignore[misc]
+    """An instrumented async generator. ``isinstance(p, types.AsyncGeneratorType)`` and
+    ``inspect.isasyncgen(p)`` are true and every attribute (``ag_frame``, ``__name__``...) is
+    the generator's; ``type(p)`` is this class and ``aiter(p)`` is the delegating generator
+    that ``async for`` drives (not ``p`` itself)."""
+
+    def __init__(self, wrapped: Any, site: Site) -> None:
+        super().__init__(wrapped)
+        self._self_state = _GenState()
+        self._self_iter = _observe(wrapped, site, self._self_state)
+
+    def __aiter__(self) -> Any:
+        return self._self_iter
+
+    def __anext__(self) -> Any:
+        return self._self_iter.__anext__()
+
+    def asend(self, value: Any) -> Any:
+        return self._self_iter.asend(value)
+
+    def athrow(self, *args: Any) -> Any:
+        return self._self_iter.athrow(*args)
+
+    def aclose(self) -> Any:
+        self._self_state.user_close = True
+        return self._self_iter.aclose()
+
+    def __repr__(self) -> str:
+        return repr(self.__wrapped__)
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        return self.__wrapped__.__reduce_ex__(protocol)
+
+
+def is_internal_asyncgen(agen: Any) -> bool:
+    """True for the delegating generators made here (for the orphaned-generator tracker: the
+    user's own generator is the one to report, not ours)."""
+    return getattr(agen, "ag_code", None) is _OBSERVE_CODE
+
+
+# -- class-based async iterators ----------------------------------------------------------------
+
+class _Iteration:
+    __slots__ = ("items", "ref", "span", "started", "where")
+
+    def __init__(self, span: Any, started: float, where: str | None, ref: Any) -> None:
+        self.span = span
+        self.started = started
+        self.where = where
+        self.items = 0
+        self.ref = ref
+
+
+def _finish_class_iteration(rt: Runtime, key: int, site: Site, outcome: str) -> None:
+    iteration = rt.iterations.pop(key, None)
+    if iteration is None or iteration.span is None:
+        return
+    iteration.span.set_attributes({
+        _names.ATTR_SUBJECT: site.subject,
+        _names.ATTR_OUTCOME: outcome,
+        "asyncdiag.items": iteration.items,
+        "asyncdiag.duration": perf_counter() - iteration.started,
+    })
+    if outcome == "error":
+        iteration.span.set_status(Status(StatusCode.ERROR))
+    iteration.span.end()
+
+
+def make_anext(site: Site, call_next: Caller) -> Callable[..., Awaitable[Any]]:
+    """``__anext__`` for a class-based async iterator, patched on the class."""
+    active = [True]
+
+    async def __anext__(self: Any, *args: Any, **kwargs: Any) -> Any:
+        rt = RUNTIME
+        if rt is None or not active[0] or type(self).__anext__ is not __anext__:
+            return await call_next(self, *args, **kwargs)
+        key = id(self)
+        task = None
+        cancelling = 0
+        try:
+            iteration = rt.iterations.get(key)
+            if iteration is None or (iteration.ref is not None and iteration.ref() is not self):
+                iteration = _begin_class_iteration(rt, self, key, site)
+            if _HAS_CANCELLING:
+                task, cancelling = _cancelling()
+        except Exception as internal:
+            failed(internal)
+            return await call_next(self, *args, **kwargs)
+        t0 = perf_counter()
+        try:
+            item = await call_next(self, *args, **kwargs)
+        except StopAsyncIteration as exc:
+            try:
+                rt.telemetry.record_next(site.subject, perf_counter() - t0)
+                _finish_class_iteration(rt, key, site, "ok")
+            except Exception as internal:
+                failed(internal)
+            _trim(exc, __anext__.__code__)
+            raise
+        except BaseException as exc:
+            try:
+                rt.telemetry.record_next(site.subject, perf_counter() - t0)
+                outcome = "cancelled" if isinstance(exc, _CancelledError) else "error"
+                _finish_class_iteration(rt, key, site, outcome)
+            except Exception as internal:
+                failed(internal)
+            _trim(exc, __anext__.__code__)
+            raise
+        t1 = perf_counter()
+        try:
+            telemetry = rt.telemetry
+            telemetry.record_next(site.subject, t1 - t0)
+            telemetry.add_yields(site.subject, 1)
+            iteration.items += 1
+            if task is not None and task.cancelling() > cancelling:
+                _iteration_findings(rt, site, _location(sys._getframe(1)),
+                                    _names.SWALLOWED_CANCELLATION, None, iteration.span)
+        except Exception as internal:
+            failed(internal)
+        return item
+
+    def disable() -> None:
+        active[0] = False
+
+    _dress(__anext__, call_next)
+    __anext__._self_disable = disable  # type: ignore[attr-defined]
+    return __anext__
+
+
+def _begin_class_iteration(rt: Runtime, obj: Any, key: int, site: Site) -> _Iteration:
+    if len(rt.iterations) >= MAX_OPEN:
+        _finish_class_iteration(rt, next(iter(rt.iterations)), site, "abandoned")
+    span = rt.start_span(site.for_span) if rt.tracing else None
+    where = None
+    if span is not None:
+        where = _location(sys._getframe(2))
+        if where is not None:
+            path, _, line = where.rpartition(":")
+            span.set_attribute("code.filepath", path)
+            span.set_attribute("code.lineno", int(line))
+
+    def orphaned(_ref: Any, rt: Runtime = rt, key: int = key) -> None:
+        # The iterator was collected before it was exhausted: end its span.
+        try:
+            iteration = rt.iterations.get(key)
+            if iteration is not None and iteration.ref is _ref:
+                _finish_class_iteration(rt, key, site, "orphaned")
+        except Exception as internal:
+            failed(internal)
+
+    try:
+        ref: Any = weakref.ref(obj, orphaned)
+    except TypeError:
+        ref = None
+    iteration = _Iteration(span, perf_counter(), where, ref)
+    rt.iterations[key] = iteration
+    return iteration
+
+
+# -- generator functions and @asynccontextmanager functions -------------------------------------
+
+class InstrumentedFunction(_FunctionWrapper):  # type: ignore[misc]
+    """An instrumented async generator function or ``@asynccontextmanager`` function. Without
+    an installed agent it returns exactly what the function returns."""
+
+    def __init__(self, wrapped: Any, site: Site, kind: str) -> None:
+        active = [True]
+        proxy = AsyncGenProxy if kind == "asyncgen" else AsyncCMProxy
+
+        def wrapper(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+            result = wrapped(*args, **kwargs)
+            if RUNTIME is None or not active[0]:
+                return result
+            try:
+                return proxy(result, site)
+            except Exception as internal:
+                failed(internal)
+                return result
+
+        def disable() -> None:
+            active[0] = False
+
+        super().__init__(wrapped, wrapper)
+        self._self_site = site
+        self._self_kind = kind
+        self._self_disable = disable
