@@ -132,7 +132,9 @@ class FindingStore:
             _call_safely(f"finding sink {getattr(sink, '__qualname__', sink)!s}", sink,
                          finding, span)
         for listener in listeners:
-            _call_safely("finding listener", listener, finding)
+            # Named per listener: one failing listener must not silence the others.
+            _call_safely(f"finding listener {getattr(listener, '__qualname__', listener)!s}",
+                         listener, finding)
         return count
 
     def snapshot(self) -> list[Finding]:
