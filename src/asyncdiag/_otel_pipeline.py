@@ -74,6 +74,7 @@ class Pipeline:
     span_processors: list[CountingBatchSpanProcessor] = field(default_factory=list)
     prometheus_server: Any = None
     prometheus_thread: Any = None
+    exporters: list[Any] = field(default_factory=list)
     description: list[str] = field(default_factory=list)
     _stopped: bool = False
 
@@ -93,6 +94,8 @@ class Pipeline:
         if self._stopped:
             return True
         self._stopped = True
+        for exporter in self.exporters:
+            _no_more_retries(exporter)
         tasks: list[tuple[str, Callable[[], object]]] = []
         if self.tracer_provider is not None:
             tasks.append(("traces", self.tracer_provider.shutdown))
@@ -118,6 +121,23 @@ class Pipeline:
                 timeout,
             )
         return finished
+
+
+def _no_more_retries(exporter: Any) -> None:
+    """Make the final export a single attempt.
+
+    The OTLP exporters retry a failed export with exponential backoff for up to their timeout
+    (10 s by default), waiting on an event that their own ``shutdown()`` sets. Setting it before
+    the final flush keeps the flush (one attempt with a healthy collector) and skips the
+    backoff with a collector that refuses connections, so the program exits at once instead
+    of after the whole shutdown budget. Exporters without that event are bounded by the
+    budget alone.
+    """
+    for holder, name in ((exporter, "_shutdown_in_progress"),
+                         (getattr(exporter, "_client", None), "_shutdown_event")):
+        event = getattr(holder, name, None)
+        if isinstance(event, threading.Event):
+            event.set()
 
 
 def _run_bounded(tasks: list[tuple[str, Callable[[], object]]], timeout: float) -> bool:
@@ -281,6 +301,7 @@ def _build_traces(pipeline: Pipeline, names: list[str], resource: Any) -> None:
             if not isinstance(exporter, SpanExporter):
                 raise TypeError(f"{cls.__qualname__} is not a SpanExporter")
             processors.append(CountingBatchSpanProcessor(exporter))
+            pipeline.exporters.append(exporter)
         except Exception as exc:
             logger.warning("asyncdiag: span exporter %r could not be built: %r", name, exc)
             continue
@@ -318,7 +339,9 @@ def _build_metrics(pipeline: Pipeline, names: list[str], resource: Any) -> None:
                 readers.append(cls())
             elif issubclass(cls, MetricExporter):
                 # Interval and export timeout: OTEL_METRIC_EXPORT_INTERVAL/_TIMEOUT.
-                readers.append(PeriodicExportingMetricReader(cls()))
+                exporter = cls()
+                readers.append(PeriodicExportingMetricReader(exporter))
+                pipeline.exporters.append(exporter)
             else:
                 raise TypeError(f"{cls.__qualname__} is not a metric exporter")
         except Exception as exc:

@@ -349,16 +349,21 @@ class Telemetry:
         if tracer_provider is None or meter_provider is None:
             from . import _otel_pipeline
 
-            self._pipeline = _otel_pipeline.build(
+            pipeline = _otel_pipeline.build(
                 agent.config.exporter,
                 traces=tracer_provider is None,
                 metrics=meter_provider is None,
             )
-            if self._pipeline.has_providers:
+            if pipeline.has_providers:
+                self._pipeline = pipeline
+                # Flushed at exit within SHUTDOWN_TIMEOUT_SECONDS (the SDK's own at-exit
+                # shutdown is off: it can wait 30 s per provider on a hung collector).
                 atexit.register(self._shutdown_pipeline)
                 self._atexit_registered = True
-            tracer_provider = tracer_provider or self._pipeline.tracer_provider
-            meter_provider = meter_provider or self._pipeline.meter_provider
+                tracer_provider = tracer_provider or pipeline.tracer_provider
+                meter_provider = meter_provider or pipeline.meter_provider
+            else:
+                pipeline.shutdown(SHUTDOWN_TIMEOUT_SECONDS)  # a Prometheus port, if any
         # No provider of our own and none from the application: go through the API's proxies,
         # so that a provider the application sets later still receives asyncdiag's telemetry.
         if tracer_provider is None:
@@ -379,21 +384,22 @@ class Telemetry:
 
     def stop(self) -> None:
         global _active
-        if _active is self:
-            _active = None
         if self._agent is not None:
             self._agent.store.remove_sink(self._finding_sink)
         self._agent = None
+        if self._atexit_registered:
+            atexit.unregister(self._shutdown_pipeline)
+            self._atexit_registered = False
+        # Our own providers get their final collection while the hooks and callbacks are live.
+        self._shutdown_pipeline()
+        if _active is self:
+            _active = None
         self._task_sources.clear()
         self._patcher.restore_all()
         self._hooked = weakref.WeakSet()
         for attr in ("record_enter", "record_exit", "record_next", "record_loop_lag",
                      "record_slow_callback"):
             self.__dict__.pop(attr, None)
-        if self._atexit_registered:
-            atexit.unregister(self._shutdown_pipeline)
-            self._atexit_registered = False
-        self._shutdown_pipeline()
         self.tracer = trace.get_tracer(_names.INSTRUMENTATION_SCOPE)
 
     def _shutdown_pipeline(self) -> None:
