@@ -156,10 +156,14 @@ class Instrumentation:
                 replaced[id(original)] = (original, replaced_by(owner, name))
         return replaced
 
-    def _patch_reexports(self, replaced: dict[int, Any]) -> None:
+    def _patch_reexports(
+        self, replaced: dict[int, Any], modules: list[ModuleType] | None = None
+    ) -> None:
         """Modules imported before install may hold a function under another name (``from
-        .streams import paginated_stream as stream``): point those names at the wrapper too."""
-        for module in list(sys.modules.values()):
+        .streams import paginated_stream as stream``): point those names at the wrapper too.
+        A module imported later only needs its own aliases (``alias = rows``) fixed: modules
+        that import from it run after its hook."""
+        for module in list(sys.modules.values()) if modules is None else modules:
             if not isinstance(module, ModuleType):
                 continue
             try:
@@ -178,7 +182,9 @@ class Instrumentation:
         if not self._active:
             return
         try:
-            self._apply_exact(module)
+            replaced = self._apply_exact(module)
+            if replaced:
+                self._patch_reexports(replaced, [module])
         except Exception as exc:
             _safety.hook_failed("instrumentation import hook", exc)
 
@@ -186,7 +192,9 @@ class Instrumentation:
         if not self._active:
             return
         try:
-            self._apply_glob(module)
+            replaced = self._apply_glob(module)
+            if replaced:
+                self._patch_reexports(replaced, [module])
         except Exception as exc:
             _safety.hook_failed("instrumentation import hook", exc)
 

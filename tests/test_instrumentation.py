@@ -1,0 +1,958 @@
+"""Instrumentation of async context managers, iterators and generators (issue 5).
+
+Every test drives real event loops (asyncio and uvloop) and real modules written to a
+temporary directory and imported by name, so that import-time patching is what is tested.
+Telemetry is read from real SDK providers handed to the agent (in-memory span exporter and
+metric reader); findings from ``asyncdiag.findings()``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import inspect
+import logging
+import sys
+import textwrap
+import traceback
+import types
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
+
+import asyncdiag
+from _support import run_on
+from asyncdiag import _names, _proxies, _telemetry
+
+PY311 = sys.version_info >= (3, 11)
+
+
+# -- fixtures ----------
+
+class Modules:
+    """Writes modules under a temporary directory on sys.path; forgets them afterwards."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.names: list[str] = []
+
+    def write(self, source: str, name: str | None = None) -> str:
+        name = name or f"adx_{uuid.uuid4().hex[:10]}"
+        path = self.root.joinpath(*name.split("."))
+        if "." in name:
+            for i in range(1, len(name.split("."))):
+                package = self.root.joinpath(*name.split(".")[:i])
+                package.mkdir(exist_ok=True)
+                init = package / "__init__.py"
+                if not init.exists():
+                    init.write_text("")
+        path.with_suffix(".py").write_text(textwrap.dedent(source))
+        importlib.invalidate_caches()
+        self.names.append(name)
+        return name
+
+    def cleanup(self) -> None:
+        for name in list(sys.modules):
+            if any(name == n or name.startswith(n.split(".")[0] + ".") or
+                   name == n.split(".")[0] for n in self.names):
+                del sys.modules[name]
+
+
+@pytest.fixture
+def modules(tmp_path: Path) -> Iterator[Modules]:
+    sys.path.insert(0, str(tmp_path))
+    mods = Modules(tmp_path)
+    try:
+        yield mods
+    finally:
+        mods.cleanup()
+        sys.path.remove(str(tmp_path))
+
+
+class Otel:
+    def __init__(self, sampled: bool = True) -> None:
+        self.spans = InMemorySpanExporter()
+        self.tracer_provider = TracerProvider(sampler=None if sampled else ALWAYS_OFF)
+        self.tracer_provider.add_span_processor(SimpleSpanProcessor(self.spans))
+        self.reader = InMemoryMetricReader()
+        self.meter_provider = MeterProvider(metric_readers=[self.reader])
+
+    def install(self, *targets: str, **kwargs: Any) -> asyncdiag.Agent:
+        _telemetry.use_providers(self.tracer_provider, self.meter_provider)
+        return asyncdiag.install(instrument=targets, exporter="none", **kwargs)
+
+    def finished(self, prefix: str = "") -> list[Any]:
+        return [s for s in self.spans.get_finished_spans() if s.name.startswith(prefix)]
+
+    def points(self, metric: str) -> list[Any]:
+        data = self.reader.get_metrics_data()
+        found = []
+        for rm in data.resource_metrics if data else ():
+            for sm in rm.scope_metrics:
+                for m in sm.metrics:
+                    if m.name == metric:
+                        found.extend(m.data.data_points)
+        return found
+
+    def shutdown(self) -> None:
+        self.tracer_provider.shutdown()
+        self.meter_provider.shutdown()
+
+
+@pytest.fixture
+def otel() -> Iterator[Otel]:
+    o = Otel()
+    try:
+        yield o
+    finally:
+        asyncdiag.uninstall()
+        o.shutdown()
+
+
+def kinds() -> list[str]:
+    return [f.kind for f in asyncdiag.findings()]
+
+
+# -- the seed guide's examples, as a real module ---------------------------------------------------
+
+SEED = '''
+import asyncio
+import sys
+from contextlib import asynccontextmanager
+
+
+class AsyncConnectionManager:
+    """Opens a TCP connection on enter, closes it on exit."""
+
+    def __init__(self, host, port):
+        self.host, self.port = host, port
+        self.reader = self.writer = None
+
+    async def __aenter__(self):
+        self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        return self
+
+    async def __aexit__(self, exc_type, exc, tb):
+        self.writer.close()
+        await self.writer.wait_closed()
+        return False
+
+
+async def paginated_stream(fetch_page, last_page):
+    """Yields the items of page after page, fetching lazily."""
+    page = 0
+    while page <= last_page:
+        items = await fetch_page(page)
+        for item in items:
+            yield item
+        page += 1
+
+
+class WebSocketIterator:
+    """Messages from a connection until the peer closes it."""
+
+    def __init__(self, reader):
+        self.reader = reader
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        line = await self.reader.readline()
+        if not line:
+            raise StopAsyncIteration
+        return line.decode().rstrip("\\n")
+
+
+@asynccontextmanager
+async def db_pool_manager(size):
+    """A pool of connections handed out by a queue; all closed on the way out."""
+    pool = asyncio.Queue()
+    opened = [f"conn-{i}" for i in range(size)]
+    for conn in opened:
+        pool.put_nowait(conn)
+    try:
+        yield pool
+    finally:
+        while not pool.empty():
+            pool.get_nowait()
+        opened.clear()
+
+
+class Resource:
+    def __init__(self, name, log):
+        self.name, self.log = name, log
+
+    async def __aenter__(self):
+        await asyncio.sleep(0)
+        self.log.append(("enter", self.name))
+        return self
+
+    async def __aexit__(self, exc_type, exc, tb):
+        await asyncio.sleep(0)
+        self.log.append(("exit", self.name, exc_type))
+        return False
+
+
+async def parallel_resource_teardown(resources):
+    """Tears resources down concurrently: __aexit__ awaited in other tasks."""
+    if sys.version_info >= (3, 11):
+        async with asyncio.TaskGroup() as tg:
+            for res in resources:
+                tg.create_task(res.__aexit__(None, None, None))
+    else:
+        await asyncio.gather(*(res.__aexit__(None, None, None) for res in resources))
+
+
+async def process_stream(stream, stop_at=None):
+    """Consumes a stream, transforming items, stopping early on a sentinel."""
+    results = []
+    async for item in stream:
+        if item == stop_at:
+            break
+        await asyncio.sleep(0)
+        results.append(item * 2)
+    return results
+'''
+
+
+async def _line_server(lines: int) -> tuple[asyncio.AbstractServer, int]:
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        for i in range(lines):
+            writer.write(f"message {i}\n".encode())
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
+async def seed_scenario(seed: types.ModuleType) -> dict[str, Any]:
+    """Every seed example once; returns what the program observed."""
+    facts: dict[str, Any] = {}
+    server, port = await _line_server(5)
+    async with server:
+        async with seed.AsyncConnectionManager("127.0.0.1", port) as conn:
+            facts["messages"] = [m async for m in seed.WebSocketIterator(conn.reader)]
+
+        async def fetch(page: int) -> list[int]:
+            await asyncio.sleep(0)
+            return [page * 10 + i for i in range(3)]
+
+        facts["all"] = await seed.process_stream(seed.paginated_stream(fetch, 3))
+        stream = seed.paginated_stream(fetch, 3)
+        facts["early"] = await seed.process_stream(stream, stop_at=11)
+        await stream.aclose()
+        async with seed.db_pool_manager(3) as pool:
+            facts["pool"] = pool.qsize()
+            conn_name = await pool.get()
+            facts["conn"] = conn_name
+        try:
+            async with seed.db_pool_manager(2):
+                raise KeyError("inside")
+        except KeyError as exc:
+            facts["pool_error"] = exc.args
+        log: list[Any] = []
+        resources = [seed.Resource(f"r{i}", log) for i in range(3)]
+        for res in resources:
+            await res.__aenter__()
+        await seed.parallel_resource_teardown(resources)
+        facts["teardown"] = sorted(map(repr, log))
+    return facts
+
+
+def test_seed_examples_behave_identically_and_are_measured(
+    loop_factory: Callable[[], asyncio.AbstractEventLoop], modules: Modules, otel: Otel,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    plain = importlib.import_module(modules.write(SEED))
+    expected = run_on(loop_factory, seed_scenario(plain))
+
+    name = modules.write(SEED)
+    otel.install(f"{name}.*")
+    seed = importlib.import_module(name)  # imported after install: patched by the import hook
+    caplog.set_level(logging.DEBUG)
+    got = run_on(loop_factory, seed_scenario(seed))
+
+    assert got == expected
+    assert expected["messages"] == [f"message {i}" for i in range(5)]
+    assert expected["early"] == [0, 2, 4, 20]
+    spans = {s.name for s in otel.finished()}
+    assert {
+        "async with AsyncConnectionManager", "async for WebSocketIterator",
+        "async for paginated_stream", "async with db_pool_manager", "async with Resource",
+    } <= spans
+    by_name: dict[str, list[Any]] = {}
+    for s in otel.finished():
+        by_name.setdefault(s.name, []).append(s)
+    stream_spans = by_name["async for paginated_stream"]
+    outcomes = sorted(s.attributes[_names.ATTR_OUTCOME] for s in stream_spans)
+    assert outcomes == ["closed", "ok"]
+    assert sorted(s.attributes["asyncdiag.items"] for s in stream_spans) == [5, 12]
+    ws = by_name["async for WebSocketIterator"][0]
+    assert ws.attributes["asyncdiag.items"] == 5
+    pool_outcomes = sorted(s.attributes[_names.ATTR_OUTCOME] for s in by_name[
+        "async with db_pool_manager"])
+    assert pool_outcomes == ["error", "ok"]
+    # __aexit__ awaited in other tasks: spans end, and no context error anywhere.
+    assert len(by_name["async with Resource"]) == 3
+    assert not [r for r in caplog.records if "detach" in r.getMessage().lower()]
+    subjects = {p.attributes[_names.ATTR_SUBJECT] for p in otel.points(
+        _names.CONTEXT_ENTER_DURATION.name)}
+    assert f"{name}.AsyncConnectionManager" in subjects
+    assert f"{name}.db_pool_manager" in subjects
+    yields = {p.attributes[_names.ATTR_SUBJECT]: p.value for p in otel.points(
+        _names.ITERATOR_YIELDS.name)}
+    assert yields[f"{name}.paginated_stream"] == 17
+    assert yields[f"{name}.WebSocketIterator"] == 5
+    assert kinds() == []
+
+
+# -- findings ----------
+
+MISTAKES = '''
+import asyncio
+
+class Forgiving:
+    async def __aenter__(self):
+        return self
+    async def __aexit__(self, exc_type, exc, tb):
+        return True
+
+class Stubborn:
+    async def __aenter__(self):
+        return self
+    async def __aexit__(self, exc_type, exc, tb):
+        return exc_type is asyncio.CancelledError
+
+class CatchesDuringClose:
+    async def __aenter__(self):
+        return self
+    async def __aexit__(self, exc_type, exc, tb):
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            pass
+
+class SlowClose:
+    async def __aenter__(self):
+        return self
+    async def __aexit__(self, exc_type, exc, tb):
+        await asyncio.sleep(0.06)
+
+async def slow_to_close():
+    try:
+        yield 1
+        yield 2
+    finally:
+        await asyncio.sleep(0.06)
+
+async def deaf_stream():
+    for i in range(3):
+        try:
+            await asyncio.sleep(0.5 if i == 0 else 0)
+        except asyncio.CancelledError:
+            pass
+        yield i
+'''
+
+
+def test_swallowed_exception_names_subject_and_async_with_line(
+    loop_factory: Callable[[], asyncio.AbstractEventLoop], modules: Modules, otel: Otel,
+) -> None:
+    name = modules.write(MISTAKES)
+    otel.install(f"{name}:Forgiving")
+    mod = importlib.import_module(name)
+
+    async def main() -> str:
+        async with mod.Forgiving():
+            raise ValueError("lost")
+        return "went on"
+
+    line = inspect.getsourcelines(main)[1] + 1
+    assert run_on(loop_factory, main()) == "went on"
+    [finding] = asyncdiag.findings()
+    assert finding.kind == _names.SWALLOWED_EXCEPTION
+    assert finding.subject == f"{name}.Forgiving"
+    assert finding.location == f"{__file__}:{line}"
+    assert "ValueError" in finding.message
+    [span] = otel.finished("async with")
+    assert span.attributes[_names.ATTR_OUTCOME] == "suppressed"
+    assert [e.name for e in span.events] == [_names.FINDING_EVENT]
+
+
+def test_swallowed_cancellation_in_aexit(
+    loop_factory: Callable[[], asyncio.AbstractEventLoop], modules: Modules, otel: Otel,
+) -> None:
+    name = modules.write(MISTAKES)
+    otel.install(f"{name}:Stubborn")
+    mod = importlib.import_module(name)
+
+    async def main() -> str:
+        async def worker() -> str:
+            async with mod.Stubborn():
+                await asyncio.sleep(10)
+            return "kept running"
+
+        task = asyncio.ensure_future(worker())
+        await asyncio.sleep(0.01)
+        task.cancel()
+        return await task
+
+    assert run_on(loop_factory, main()) == "kept running"
+    assert kinds() == [_names.SWALLOWED_CANCELLATION]
+    assert asyncdiag.findings()[0].subject == f"{name}.Stubborn"
+
+
+@pytest.mark.skipif(not PY311, reason="needs Task.cancelling() (3.11+)")
+def test_cancellation_caught_inside_aexit_is_found(
+    loop_factory: Callable[[], asyncio.AbstractEventLoop], modules: Modules, otel: Otel,
+) -> None:
+    name = modules.write(MISTAKES)
+    otel.install(f"{name}:CatchesDuringClose")
+    mod = importlib.import_module(name)
+
+    async def main() -> bool:
+        async def worker() -> None:
+            async with mod.CatchesDuringClose():
+                pass
+
+        task = asyncio.ensure_future(worker())
+        await asyncio.sleep(0.01)
+        task.cancel()
+        await task
+        return task.cancelled()
+
+    assert run_on(loop_factory, main()) is False
+    assert kinds() == [_names.SWALLOWED_CANCELLATION]
+
+
+def test_slow_teardown_of_aexit_and_of_aclose(
+    loop_factory: Callable[[], asyncio.AbstractEventLoop], modules: Modules, otel: Otel,
+) -> None:
+    name = modules.write(MISTAKES)
+    otel.install(f"{name}.*", slow_teardown_threshold=0.03)
+    mod = importlib.import_module(name)
+
+    async def main() -> list[int]:
+        async with mod.SlowClose():
+            pass
+        gen = mod.slow_to_close()
+        first = [await gen.__anext__()]
+        await gen.aclose()
+        return first
+
+    assert run_on(loop_factory, main()) == [1]
+    found = {f.subject: f for f in asyncdiag.findings()}
+    assert set(kinds()) == {_names.SLOW_TEARDOWN}
+    assert found[f"{name}.SlowClose"].duration >= 0.05
+    assert found[f"{name}.slow_to_close"].duration >= 0.05
+    assert "aclose()" in found[f"{name}.slow_to_close"].message
+
+
+@pytest.mark.skipif(not PY311, reason="needs Task.cancelling() (3.11+)")
+def test_generator_swallowing_cancellation_is_found(
+    loop_factory: Callable[[], asyncio.AbstractEventLoop], modules: Modules, otel: Otel,
+) -> None:
+    name = modules.write(MISTAKES)
+    otel.install(f"{name}:deaf_stream")
+    mod = importlib.import_module(name)
+
+    async def main() -> list[int]:
+        async def consume() -> list[int]:
+            return [i async for i in mod.deaf_stream()]
+
+        task = asyncio.ensure_future(consume())
+        await asyncio.sleep(0.05)
+        task.cancel()
+        return await task
+
+    assert run_on(loop_factory, main()) == [0, 1, 2]
+    assert kinds() == [_names.SWALLOWED_CANCELLATION]
+
+
+# -- telemetry ----------
+
+NESTING = '''
+import asyncio
+from opentelemetry import trace
+
+class Outer:
+    async def __aenter__(self):
+        return self
+    async def __aexit__(self, *exc):
+        return None
+
+async def numbers(n):
+    for i in range(n):
+        await asyncio.sleep(0)
+        yield i
+'''
+
+
+def test_body_runs_with_the_async_with_span_current(
+    loop_factory: Callable[[], asyncio.AbstractEventLoop], modules: Modules, otel: Otel,
+) -> None:
+    name = modules.write(NESTING)
+    otel.install(f"{name}.*")
+    mod = importlib.import_module(name)
+    tracer = otel.tracer_provider.get_tracer("test")
+
+    async def main() -> None:
+        with tracer.start_as_current_span("request"):
+            async with mod.Outer():
+                with tracer.start_as_current_span("query"):
+                    await asyncio.sleep(0)
+                async for _ in mod.numbers(20):
+                    pass
+            with tracer.start_as_current_span("after"):
+                pass
+
+    run_on(loop_factory, main())
+    spans = {s.name: s for s in otel.finished()}
+    outer = spans["async with Outer"]
+    assert outer.parent.span_id == spans["request"].context.span_id
+    assert spans["query"].parent.span_id == outer.context.span_id
+    assert spans["async for numbers"].parent.span_id == outer.context.span_id
+    assert spans["after"].parent.span_id == spans["request"].context.span_id
+    it = spans["async for numbers"]
+    assert it.attributes["asyncdiag.items"] == 20
+    assert it.attributes[_names.ATTR_OUTCOME] == "ok"
+    assert it.attributes["asyncdiag.gap.mean"] > 0
+    assert outer.attributes["asyncdiag.enter.duration"] >= 0
+    assert outer.attributes["code.filepath"] == __file__
+    # One span per iteration, none per item.
+    assert len(otel.finished("async for")) == 1
+    nexts = {p.attributes[_names.ATTR_SUBJECT]: p for p in otel.points(
+        _names.ITERATOR_NEXT_DURATION.name)}
+    assert nexts[f"{name}.numbers"].count >= 2  # sampled: one item in TIMING_STRIDE_MASK+1
+
+
+def test_unsampled_tracing_creates_no_spans_and_changes_no_context(
+    loop_factory: Callable[[], asyncio.AbstractEventLoop], modules: Modules,
+) -> None:
+    otel = Otel(sampled=False)
+    try:
+        name = modules.write(NESTING)
+        otel.install(f"{name}.*")
+        mod = importlib.import_module(name)
+        assert _proxies.RUNTIME is not None and not _proxies.RUNTIME.tracing
+
+        async def main() -> int:
+            async with mod.Outer():
+                return sum([i async for i in mod.numbers(5)])
+
+        assert run_on(loop_factory, main()) == 10
+        assert otel.finished() == []
+        exits = otel.points(_names.CONTEXT_EXIT_DURATION.name)
+        assert [p.attributes[_names.ATTR_OUTCOME] for p in exits] == ["ok"]
+    finally:
+        asyncdiag.uninstall()
+        otel.shutdown()
+
+
+def test_exit_outcomes_in_metrics(
+    loop_factory: Callable[[], asyncio.AbstractEventLoop], modules: Modules, otel: Otel,
+) -> None:
+    name = modules.write(NESTING + MISTAKES.replace("import asyncio", ""))
+    otel.install(f"{name}:Outer", f"{name}:Forgiving")
+    mod = importlib.import_module(name)
+
+    async def main() -> None:
+        async with mod.Outer():
+            pass
+        with pytest.raises(KeyError):
+            async with mod.Outer():
+                raise KeyError
+        async with mod.Forgiving():
+            raise KeyError
+
+        async def cancelled() -> None:
+            async with mod.Outer():
+                await asyncio.sleep(10)
+
+        task = asyncio.ensure_future(cancelled())
+        await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    run_on(loop_factory, main())
+    outcomes = {p.attributes[_names.ATTR_OUTCOME]: p.count for p in otel.points(
+        _names.CONTEXT_EXIT_DURATION.name)}
+    assert outcomes == {"ok": 1, "error": 1, "suppressed": 1, "cancelled": 1}
+
+
+# -- targets ----------
+
+TARGETS = '''
+import asyncio
+from contextlib import asynccontextmanager
+
+class Base:
+    async def __aenter__(self):
+        return "base"
+    async def __aexit__(self, *exc):
+        return None
+
+class Inherits(Base):
+    pass
+
+class Overrides(Base):
+    async def __aenter__(self):
+        return ("override", await super().__aenter__())
+
+class Feed:
+    @classmethod
+    async def items(cls, n):
+        for i in range(n):
+            yield (cls.__name__, i)
+
+    @staticmethod
+    async def plain(n):
+        for i in range(n):
+            yield i
+
+    @classmethod
+    @asynccontextmanager
+    async def session(cls):
+        yield cls.__name__
+
+async def rows(n):
+    for i in range(n):
+        yield i
+
+alias = rows
+
+class NotAsync:
+    def __enter__(self):
+        return self
+
+def helper():
+    return 1
+'''
+
+
+def _spans_by_subject(otel: Otel) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for s in otel.finished():
+        key = s.attributes[_names.ATTR_SUBJECT]
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+async def _exercise_targets(mod: types.ModuleType) -> list[Any]:
+    out: list[Any] = []
+    for cls in (mod.Base, mod.Inherits, mod.Overrides):
+        async with cls() as value:
+            out.append(value)
+    out.append([x async for x in mod.Feed.items(2)])
+    out.append([x async for x in mod.Feed().plain(2)])
+    async with mod.Feed.session() as s:
+        out.append(s)
+    out.append([x async for x in mod.alias(2)])
+    return out
+
+
+def test_targets_classes_subclasses_methods_and_aliases(
+    loop_factory: Callable[[], asyncio.AbstractEventLoop], modules: Modules, otel: Otel,
+) -> None:
+    name = modules.write(TARGETS)
+    mod = importlib.import_module(name)  # imported BEFORE install: patched at install
+    expected = run_on(loop_factory, _exercise_targets(mod))
+    otel.install(f"{name}:Base", f"{name}:Feed.items", f"{name}:Feed.plain",
+                 f"{name}:Feed.session", f"{name}:rows")
+    got = run_on(loop_factory, _exercise_targets(mod))
+    assert got == expected
+    counts = _spans_by_subject(otel)
+    # Inherits is measured (as Base); Overrides' own __aenter__ hides Base's: not measured,
+    # and Base's __aenter__ called through super() is not measured twice.
+    assert counts == {
+        f"{name}.Base": 2, f"{name}.Feed.items": 1, f"{name}.Feed.plain": 1,
+        f"{name}.Feed.session": 1, f"{name}.rows": 1,
+    }
+    assert isinstance(mod.Feed.__dict__["items"], _proxies.InstrumentedFunction)
+    assert mod.alias is mod.rows  # the re-export points at the same instrumented function
+    asyncdiag.uninstall()
+    assert inspect.isasyncgenfunction(mod.rows) and not isinstance(
+        mod.rows, _proxies.InstrumentedFunction)
+    assert mod.alias is mod.rows
+    assert isinstance(mod.Feed.__dict__["items"], classmethod)
+    assert not hasattr(mod.Base.__aenter__, "__asyncdiag_instrumented__")
+
+
+def test_glob_instruments_what_is_defined_there_once(
+    loop_factory: Callable[[], asyncio.AbstractEventLoop], modules: Modules, otel: Otel,
+) -> None:
+    name = modules.write(TARGETS)
+    reexporter = modules.write(f"from {name} import rows as exported_rows, Base\n")
+    otel.install(f"{name}", f"{name[:4]}*")  # the exact module name is a glob too
+    mod = importlib.import_module(name)
+    other = importlib.import_module(reexporter)
+    expected_types = [mod.Base, mod.Inherits, mod.Overrides]
+    got = run_on(loop_factory, _exercise_targets(mod))
+    assert got[:3] == ["base", "base", ("override", "base")]
+    assert other.exported_rows is mod.rows
+    counts = _spans_by_subject(otel)
+    assert counts[f"{name}.Base"] == 1
+    assert counts[f"{name}.Inherits"] == 1
+    assert counts[f"{name}.Overrides"] == 1  # its own wrapper; Base's passes through
+    assert counts[f"{name}.rows"] == 1  # through the alias
+    assert all(t.__module__ == name for t in expected_types)
+
+
+def test_target_module_imported_later_and_uninstall_restores(
+    loop_factory: Callable[[], asyncio.AbstractEventLoop], modules: Modules, otel: Otel,
+) -> None:
+    name = modules.write(TARGETS)
+    otel.install(f"{name}:Base", f"{name}:rows")
+    assert name not in sys.modules
+    mod = importlib.import_module(name)
+    original_aenter = mod.Base.__dict__["__aenter__"].__wrapped__
+    assert isinstance(mod.rows, _proxies.InstrumentedFunction)
+    run_on(loop_factory, _exercise_targets(mod))
+    asyncdiag.uninstall()
+    assert mod.Base.__dict__["__aenter__"] is original_aenter
+    assert not isinstance(mod.rows, _proxies.InstrumentedFunction)
+    assert not any(isinstance(f, type) and f.__module__ == "asyncdiag._targets"
+                   for f in sys.meta_path)
+    # A module imported after uninstall is not patched by a left-over hook.
+    name2 = modules.write(TARGETS)
+    otel.install(f"{name2}:Base")
+    asyncdiag.uninstall()
+    mod2 = importlib.import_module(name2)
+    assert not hasattr(mod2.Base.__aenter__, "__asyncdiag_instrumented__")
+
+
+def test_bad_targets_warn_once_and_the_program_runs_on(
+    modules: Modules, otel: Otel, caplog: pytest.LogCaptureFixture,
+) -> None:
+    name = modules.write(TARGETS)
+    caplog.set_level(logging.WARNING, logger="asyncdiag")
+    otel.install(f"{name}:Missing", f"{name}:NotAsync", f"{name}:helper",
+                 "no_such_module_adx:Thing")
+    importlib.import_module(name)
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("Missing" in m for m in messages) == 1
+    assert sum("NotAsync" in m and "not an async context manager" in m for m in messages) == 1
+    assert sum("helper" in m for m in messages) == 1
+    assert sum("no_such_module_adx" in m for m in messages) == 1
+
+
+# -- the decorator ----------
+
+DECORATED = '''
+import asyncio
+from contextlib import asynccontextmanager
+import asyncdiag
+
+@asyncdiag.instrument
+class Pool:
+    async def __aenter__(self):
+        return self
+    async def __aexit__(self, *exc):
+        return None
+
+@asyncdiag.instrument
+async def stream(n):
+    for i in range(n):
+        yield i
+
+@asyncdiag.instrument
+@asynccontextmanager
+async def session():
+    yield "s"
+
+twice = asyncdiag.instrument(stream)
+'''
+
+
+def test_decorator_without_agent_is_invisible_and_measures_once_installed(
+    loop_factory: Callable[[], asyncio.AbstractEventLoop], modules: Modules, otel: Otel,
+) -> None:
+    mod = importlib.import_module(modules.write(DECORATED))
+
+    async def main() -> list[Any]:
+        out: list[Any] = []
+        async with mod.Pool() as p:
+            out.append(type(p).__name__)
+        gen = mod.stream(3)
+        out.append(type(gen))
+        out.append([x async for x in gen])
+        async with mod.session() as s:
+            out.append(s)
+        return out
+
+    assert mod.twice is mod.stream
+    plain = run_on(loop_factory, main())
+    assert plain[1] is types.AsyncGeneratorType  # exactly the generator, no proxy
+    assert "__asyncdiag_instrumented__" not in dir(mod.Pool.__aenter__)
+    otel.install()
+    measured = run_on(loop_factory, main())
+    assert measured[0] == plain[0] and measured[2:] == plain[2:]
+    assert measured[1] is _proxies.AsyncGenProxy
+    assert {s.name for s in otel.finished()} == {
+        "async with Pool", "async for stream", "async with session"}
+    asyncdiag.uninstall()
+    assert not hasattr(mod.Pool.__aenter__, "__asyncdiag_instrumented__")
+    assert run_on(loop_factory, main()) == plain
+
+
+def test_decorating_a_non_async_object_warns_and_returns_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def helper() -> int:
+        return 1
+
+    assert asyncdiag.instrument(helper) is helper
+    assert "not an async context manager" in caplog.text
+
+
+# -- transparency ----------
+
+TRANSPARENCY = '''
+import asyncio
+
+class Raises:
+    async def __aenter__(self):
+        await asyncio.sleep(0)
+        raise LookupError("from enter")
+    async def __aexit__(self, *exc):
+        return None
+
+async def failing(n):
+    for i in range(n):
+        yield i
+    raise LookupError("from generator")
+
+async def echo():
+    received = []
+    try:
+        while True:
+            value = yield len(received)
+            received.append(value)
+    except GeneratorExit:
+        received.append("closed")
+        raise
+    except KeyError as exc:
+        yield ("caught", exc.args)
+'''
+
+
+def _frames(exc: BaseException) -> list[str]:
+    return [f.name for f in traceback.extract_tb(exc.__traceback__)]
+
+
+def test_same_exceptions_tracebacks_types_and_protocol(
+    loop_factory: Callable[[], asyncio.AbstractEventLoop], modules: Modules, otel: Otel,
+) -> None:
+    plain = importlib.import_module(modules.write(TRANSPARENCY))
+    name = modules.write(TRANSPARENCY)
+    otel.install(f"{name}.*")
+    mod = importlib.import_module(name)
+
+    async def scenario(m: types.ModuleType) -> list[Any]:
+        out: list[Any] = []
+        try:
+            async with m.Raises():
+                pass
+        except LookupError as exc:
+            out.append(("enter", exc.args, _frames(exc)))
+        try:
+            async for _ in m.failing(2):
+                pass
+        except LookupError as exc:
+            out.append(("gen", exc.args, _frames(exc)))
+        gen = m.echo()
+        out.append(inspect.isasyncgen(gen))
+        out.append(isinstance(gen, types.AsyncGeneratorType))
+        out.append(gen.__name__)
+        out.append(await gen.asend(None))
+        out.append(await gen.asend("a"))
+        out.append(await gen.athrow(KeyError("k")))
+        with pytest.raises(StopAsyncIteration):
+            await gen.__anext__()
+        gen2 = m.echo()
+        await gen2.__anext__()
+        await gen2.aclose()
+        with pytest.raises(StopAsyncIteration):
+            await gen2.__anext__()
+        out.append(gen2.ag_frame is None)
+        return out
+
+    expected = run_on(loop_factory, scenario(plain))
+    got = run_on(loop_factory, scenario(mod))
+    if not PY311:  # 3.10's bare `raise` keeps our frame in the traceback
+        for entry in got[:2]:
+            entry[2][:] = [f for f in entry[2] if f not in ("__aenter__", "_observe")] + []
+        for entry in expected[:2]:
+            entry[2][:] = [f for f in entry[2] if f != "__aenter__"]
+    assert got == expected
+
+
+def test_the_same_exception_object_comes_out(
+    loop_factory: Callable[[], asyncio.AbstractEventLoop], modules: Modules, otel: Otel,
+) -> None:
+    name = modules.write(TRANSPARENCY + NESTING.replace("import asyncio", ""))
+    otel.install(f"{name}.*")
+    mod = importlib.import_module(name)
+    raised = ValueError("mine")
+
+    async def main() -> None:
+        try:
+            async with mod.Outer():
+                raise raised
+        except ValueError as exc:
+            assert exc is raised
+            assert _frames(exc) == ["main"]
+        else:  # pragma: no cover
+            raise AssertionError("swallowed")
+
+    run_on(loop_factory, main())
+
+
+def test_orphaned_generator_span_ends_when_collected(
+    loop_factory: Callable[[], asyncio.AbstractEventLoop], modules: Modules, otel: Otel,
+) -> None:
+    name = modules.write(NESTING)
+    otel.install(f"{name}:numbers")
+    mod = importlib.import_module(name)
+
+    async def main() -> None:
+        async for i in mod.numbers(10):
+            if i == 2:
+                break
+        await asyncio.sleep(0.01)
+
+    run_on(loop_factory, main())
+    [span] = otel.finished("async for")
+    assert span.attributes[_names.ATTR_OUTCOME] == "orphaned"
+    assert span.attributes["asyncdiag.items"] == 3
+
+
+def test_uninstall_while_a_block_is_open_does_not_break_it(
+    loop_factory: Callable[[], asyncio.AbstractEventLoop], modules: Modules, otel: Otel,
+) -> None:
+    name = modules.write(NESTING)
+    otel.install(f"{name}.*")
+    mod = importlib.import_module(name)
+
+    async def main() -> list[int]:
+        out = []
+        gen = mod.numbers(4)
+        async with mod.Outer():
+            out.append(await gen.__anext__())
+            asyncdiag.uninstall()
+            out.extend([i async for i in gen])
+        return out
+
+    assert run_on(loop_factory, main()) == [0, 1, 2, 3]
