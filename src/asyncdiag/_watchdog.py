@@ -1,0 +1,496 @@
+"""One watchdog thread per process that watches every monitored event loop.
+
+Why a thread and a heartbeat rather than timing each step: timing every loop step means patching
+``asyncio.events.Handle._run`` (measured at 300-400 ns per step, 6-8 % of a workload of many
+small tasks) and is impossible on uvloop, whose handles are compiled. Instead:
+
+* Every ``poll`` seconds the watchdog posts a *beat* to each loop with
+  ``call_soon_threadsafe``. The beat runs at the loop's next turn, records the scheduling delay
+  (``asyncdiag.loop.lag``) and the time it ran. A beat that is still pending means the loop has
+  not turned since it was posted: a step is running (or a batch of steps).
+* Every poll the watchdog also samples the loop thread's innermost frame
+  (``sys._current_frames()``) and derives the *step identity*: the current task
+  (``asyncio.current_task(loop)`` works from another thread) and the step's entry frame (the
+  frame called by the loop machinery, found by walking down to the frame that called the beat).
+  A step therefore started at most one poll before the first sample that showed its identity,
+  and never before the last beat ran.
+* When the pending beat finally runs (or the identity changes), the step is over; if it lasted
+  longer than ``slow_callback_duration`` it becomes a ``slow_callback`` finding naming the task
+  and the line most often seen running. While it is still running past ``blocked_threshold`` it
+  becomes one ``loop_blocked`` finding with the loop thread's stack.
+
+The per-step cost on the loop is zero; the loop pays one small callback per poll. Durations are
+measured to within one poll interval (``poll = min(thresholds) / 5``). All loops are held
+weakly; a closed or collected loop is dropped, and the thread exits when no loop is left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextvars
+import logging
+import sys
+import sysconfig
+import threading
+import time
+import traceback
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Any
+
+from . import _findings, _names, _safety
+
+logger = logging.getLogger("asyncdiag")
+
+_monotonic = time.monotonic
+monotonic = _monotonic
+# The watchdog re-checks each loop's exception-handler chain every this many polls.
+_CHECK_EVERY = 16
+
+# Frames in these directories are "library" frames: the location of a finding prefers the
+# innermost frame outside them, so that a blocking call inside a library points at the
+# application line that made it (the full stack is still attached).
+_LIBRARY_DIRS: tuple[str, ...] = tuple(
+    sorted(
+        {
+            path.rstrip("/") + "/"
+            for key in ("stdlib", "platstdlib", "purelib", "platlib")
+            if (path := sysconfig.get_paths().get(key))
+        }
+    )
+)
+_MAX_STACK = 40
+
+
+def _qualname(code: Any) -> str:
+    return str(getattr(code, "co_qualname", None) or code.co_name)
+
+
+def _frame_location(frame: FrameType) -> str:
+    return f"{frame.f_code.co_filename}:{frame.f_lineno}"
+
+
+def _is_library(filename: str) -> bool:
+    return filename.startswith(_LIBRARY_DIRS) or filename.startswith("<frozen")
+
+
+def _format_stack(top: FrameType, stop: FrameType | None = None) -> tuple[str, ...]:
+    """The stack from the outermost frame of the step (or the thread) to ``top``."""
+    frames: list[tuple[FrameType, int]] = []
+    frame: FrameType | None = top
+    while frame is not None and len(frames) < _MAX_STACK:
+        frames.append((frame, frame.f_lineno))
+        if frame is stop:
+            break
+        frame = frame.f_back
+    frames.reverse()
+    summary = traceback.StackSummary.extract(frames, lookup_lines=True)
+    return tuple(summary.format())
+
+
+@dataclass
+class _Stall:
+    """A step seen running while the loop was not turning."""
+
+    identity: tuple[int, int]
+    start: float
+    seq: int  # the beat pending when the stall was first seen
+    subject: str
+    task: str | None
+    span: Any
+    locations: collections.Counter[str] = field(default_factory=collections.Counter)
+    stacks: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    blocked_reported: bool = False
+
+    def main_location(self) -> str | None:
+        if not self.locations:
+            return None
+        return self.locations.most_common(1)[0][0]
+
+
+class LoopState:
+    """What the watchdog knows about one loop. Fields written by the loop thread (in ``beat``)
+    and read by the watchdog are single attribute stores, atomic under the GIL."""
+
+    __slots__ = (
+        "__weakref__",
+        "base_code",
+        "exact",
+        "last_poll",
+        "last_run",
+        "loop_ref",
+        "pending_seq",
+        "posted_at",
+        "ran_seq",
+        "run_identity",
+        "run_since",
+        "stale",
+        "stall",
+        "thread_id",
+    )
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, thread_id: int | None) -> None:
+        self.loop_ref: weakref.ref[asyncio.AbstractEventLoop] = weakref.ref(loop)
+        self.thread_id = thread_id
+        self.base_code: Any = None
+        self.pending_seq = 0  # last beat posted
+        self.ran_seq = 0  # last beat that ran
+        self.posted_at = 0.0
+        self.last_run = _monotonic()
+        self.last_poll = self.last_run
+        self.stale = False  # the loop stopped while a beat was pending: its lag is meaningless
+        self.run_identity: tuple[int, int] | None = None
+        self.run_since = 0.0
+        self.stall: _Stall | None = None
+        # Exact durations measured by asyncio's own debug mode, (monotonic time, seconds,
+        # description), handed over by the debug-log filter so that the finding uses them.
+        self.exact: collections.deque[tuple[float, float, str]] = collections.deque(maxlen=16)
+
+    def prime(self, loop: asyncio.AbstractEventLoop) -> None:
+        """From the loop thread at the start of a run: a first beat, so that the frame the
+        loop calls steps from is known even if the very first step blocks."""
+        self.stale = True
+        loop.call_soon(self.beat, self.ran_seq)
+
+    def beat(self, seq: int) -> None:
+        """Runs inside the loop. Kept tiny: it runs every poll on every loop."""
+        now = _monotonic()
+        if self.base_code is None:
+            caller = sys._getframe(1)
+            self.base_code = caller.f_code
+        self.thread_id = threading.get_ident()
+        lag = now - self.posted_at
+        self.last_run = now
+        self.ran_seq = seq
+        if self.stale:
+            self.stale = False
+            return
+        monitor = _MONITOR
+        if monitor is not None and monitor.record_lag is not None and lag >= 0.0:
+            monitor.record_lag(lag)
+
+
+@dataclass
+class Settings:
+    slow_callback_duration: float
+    blocked_threshold: float
+    record_lag: Callable[[float], None] | None
+    record_slow: Callable[[float], None] | None
+
+    @property
+    def poll(self) -> float:
+        return min(max(min(self.slow_callback_duration, self.blocked_threshold) / 5, 0.001), 0.1)
+
+
+class Watchdog:
+    """The process-wide watchdog: a registry of loop states and the thread that polls them."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        per_loop: Callable[[asyncio.AbstractEventLoop], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self._per_loop = per_loop
+        self._polls = 0
+        self.record_lag = settings.record_lag
+        self._lock = threading.Lock()
+        self._states: dict[int, LoopState] = {}
+        self._thread: threading.Thread | None = None
+        self._wake = threading.Event()
+        self._stopping = False
+        self._empty_context = contextvars.Context()
+
+    # -- registry ---------------------------------------------------------------------------
+    def watch(self, loop: asyncio.AbstractEventLoop, thread_id: int | None) -> LoopState:
+        with self._lock:
+            key = id(loop)
+            state = self._states.get(key)
+            if state is None or state.loop_ref() is not loop:
+                state = LoopState(loop, thread_id)
+                self._states[key] = state
+            elif thread_id is not None:
+                state.thread_id = thread_id
+            if not self._stopping and (self._thread is None or not self._thread.is_alive()):
+                self._thread = threading.Thread(
+                    target=self._run, name="asyncdiag-watchdog", daemon=True
+                )
+                self._thread.start()
+            return state
+
+    def state_for(self, loop: asyncio.AbstractEventLoop) -> LoopState | None:
+        state = self._states.get(id(loop))
+        if state is not None and state.loop_ref() is loop:
+            return state
+        return None
+
+    def states(self) -> list[LoopState]:
+        with self._lock:
+            return list(self._states.values())
+
+    @property
+    def thread(self) -> threading.Thread | None:
+        return self._thread
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopping = True
+            thread = self._thread
+            self._states.clear()
+        self._wake.set()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=5)
+
+    # -- the thread -------------------------------------------------------------------------
+    def _run(self) -> None:
+        poll = self.settings.poll
+        while not self._stopping:
+            if _safety.is_disabled("loop watchdog"):
+                break
+            try:
+                if not self._poll_all():
+                    break
+            except Exception as exc:
+                _safety.hook_failed("loop watchdog", exc)
+                break
+            self._wake.wait(poll)
+        with self._lock:
+            if self._thread is threading.current_thread():
+                self._thread = None
+
+    def _poll_all(self) -> bool:
+        """One round over every loop. Returns False when there is nothing left to watch."""
+        with self._lock:
+            items = list(self._states.items())
+        if not items:
+            with self._lock:
+                if self._states:
+                    return True
+                # Decided under the lock so that watch() starts a new thread if a loop arrives.
+                self._thread = None
+            return False
+        frames = sys._current_frames()
+        now = _monotonic()
+        self._polls += 1
+        check = self._per_loop is not None and self._polls % _CHECK_EVERY == 0
+        for key, state in items:
+            loop = state.loop_ref()
+            if loop is None or loop.is_closed():
+                self._finish_stall(state, now)
+                with self._lock:
+                    if self._states.get(key) is state:
+                        del self._states[key]
+                continue
+            self._poll(state, loop, frames, now)
+            state.last_poll = now
+            if state.exact:
+                self._report_unmatched_exact(state, now)
+            if check and self._per_loop is not None:
+                self._per_loop(loop)
+        del frames
+        return True
+
+    def _poll(
+        self,
+        state: LoopState,
+        loop: asyncio.AbstractEventLoop,
+        frames: dict[int, FrameType],
+        now: float,
+    ) -> None:
+        if not loop.is_running():
+            if state.pending_seq != state.ran_seq:
+                state.stale = True
+            self._finish_stall(state, now)
+            state.run_identity = None
+            return
+        pending = state.pending_seq != state.ran_seq
+        top = frames.get(state.thread_id) if state.thread_id is not None else None
+        entry, task = self._step_of(state, loop, top)
+        identity = (id(task), id(entry)) if entry is not None else None
+        if identity != state.run_identity:
+            # A different step (or none) is running now: the previous one ended since the last
+            # poll.
+            self._finish_stall(state, now)
+            state.run_identity = identity
+            state.run_since = now
+        elif not pending and state.stall is not None:
+            self._finish_stall(state, now)
+        if pending and identity is not None and top is not None and entry is not None:
+            start = max(state.run_since, state.last_run)
+            stall = state.stall
+            if stall is None:
+                stall = self._new_stall(loop, task, entry, identity, start, state.pending_seq)
+                state.stall = stall
+            location = self._location(top, entry)
+            stall.locations[location] += 1
+            if location not in stall.stacks:
+                stall.stacks[location] = _format_stack(top, entry)
+            blocked_for = now - stall.start
+            if not stall.blocked_reported and blocked_for >= self.settings.blocked_threshold:
+                stall.blocked_reported = True
+                self._report_blocked(state, stall, top, location, blocked_for)
+        if not pending:
+            if state.stale:
+                state.stale = False
+            state.pending_seq += 1
+            state.posted_at = _monotonic()
+            try:
+                loop.call_soon_threadsafe(state.beat, state.pending_seq,
+                                          context=self._empty_context)
+            except RuntimeError:  # closed between the check and the call
+                state.pending_seq = state.ran_seq
+
+    def _step_of(
+        self, state: LoopState, loop: asyncio.AbstractEventLoop, top: FrameType | None
+    ) -> tuple[FrameType | None, asyncio.Task[Any] | None]:
+        """The entry frame of the step running on ``loop`` (None when idle) and its task."""
+        base = state.base_code
+        if top is None or base is None:
+            return None, None
+        frame: FrameType | None = top
+        entry: FrameType | None = None
+        depth = 0
+        while frame is not None and depth < 500:
+            back = frame.f_back
+            if back is not None and back.f_code is base:
+                entry = frame
+                break
+            if frame.f_code is base:
+                break
+            frame = back
+            depth += 1
+        if entry is None:
+            return None, None
+        try:
+            task = asyncio.current_task(loop)
+        except Exception:  # a loop without task support: treat the step as a callback
+            task = None
+        return entry, task
+
+    @staticmethod
+    def _location(top: FrameType, entry: FrameType) -> str:
+        frame: FrameType | None = top
+        while frame is not None:
+            if not _is_library(frame.f_code.co_filename):
+                return _frame_location(frame)
+            if frame is entry:
+                break
+            frame = frame.f_back
+        return _frame_location(top)
+
+    @staticmethod
+    def _new_stall(
+        loop: asyncio.AbstractEventLoop,
+        task: asyncio.Task[Any] | None,
+        entry: FrameType,
+        identity: tuple[int, int],
+        start: float,
+        seq: int,
+    ) -> _Stall:
+        if task is not None:
+            coro = task.get_coro()
+            code = getattr(coro, "cr_code", None) or getattr(coro, "gi_code", None)
+            subject = _qualname(code) if code is not None else repr(coro)
+            return _Stall(identity, start, seq, subject, task.get_name(), _span_of(task))
+        return _Stall(identity, start, seq, _qualname(entry.f_code), None, None)
+
+    def _finish_stall(self, state: LoopState, now: float) -> None:
+        stall = state.stall
+        if stall is None:
+            return
+        state.stall = None
+        # The beat pending during the stall runs right after the step (and the rest of its
+        # batch); without it, the step ended between the last poll and this one.
+        finished = state.last_run if state.ran_seq >= stall.seq else state.last_poll
+        duration = max(finished - stall.start, 0.0)
+        description = ""
+        # asyncio's debug mode measured this step exactly: prefer its number.
+        while state.exact:
+            seen_at, seconds, desc = state.exact.popleft()
+            if stall.start - 0.001 <= seen_at <= now + 0.001:
+                duration, description = seconds, desc
+        if duration < self.settings.slow_callback_duration:
+            return
+        location = stall.main_location()
+        what = f"task {stall.task!r} ({stall.subject})" if stall.task else stall.subject
+        message = (f"{what} blocked the event loop for {duration:.3f} s in one step "
+                   "without awaiting")
+        if description:
+            message += f"; asyncio debug mode: Executing {description}"
+        _findings.report(
+            _names.SLOW_CALLBACK, message, stall.subject, location=location,
+            duration=duration, task=stall.task,
+            stack=stall.stacks.get(location, ()) if location else (), span=stall.span,
+        )
+        if self.settings.record_slow is not None:
+            self.settings.record_slow(duration)
+
+    def _report_unmatched_exact(self, state: LoopState, now: float) -> None:
+        """Steps asyncio's debug mode timed that no stall matched (too short for a sample)."""
+        if state.stall is not None:
+            return
+        while state.exact and now - state.exact[0][0] > 2 * self.settings.poll:
+            _, seconds, description = state.exact.popleft()
+            subject = description.split(" ", 1)[0].strip("<>") or "callback"
+            _findings.report(
+                _names.SLOW_CALLBACK,
+                f"asyncio debug mode: Executing {description[:300]} took {seconds:.3f} s",
+                subject, duration=seconds,
+            )
+            if self.settings.record_slow is not None:
+                self.settings.record_slow(seconds)
+
+    def _report_blocked(
+        self, state: LoopState, stall: _Stall, top: FrameType, location: str, blocked_for: float
+    ) -> None:
+        what = f"task {stall.task!r} ({stall.subject})" if stall.task else stall.subject
+        thread = _thread_name(state.thread_id)
+        _findings.report(
+            _names.LOOP_BLOCKED,
+            f"the event loop in thread {thread!r} has been blocked for {blocked_for:.3f} s "
+            f"and still is, running {what}",
+            stall.subject, location=location, duration=blocked_for, task=stall.task,
+            stack=_format_stack(top), span=stall.span,
+        )
+
+
+def _thread_name(thread_id: int | None) -> str:
+    for thread in threading.enumerate():
+        if thread.ident == thread_id:
+            return thread.name
+    return str(thread_id)
+
+
+def _span_of(task: asyncio.Task[Any]) -> Any:
+    """The OpenTelemetry span current in ``task`` (3.12+: ``Task.get_context``), else None."""
+    get_context = getattr(task, "get_context", None)
+    if get_context is None:
+        return None
+    try:
+        from opentelemetry import context as otel_context
+        from opentelemetry import trace
+
+        runtime = getattr(otel_context, "_RUNTIME_CONTEXT", None)
+        var = getattr(runtime, "_current_context", None)
+        if not isinstance(var, contextvars.ContextVar):
+            return None
+        value = get_context().get(var)
+        if value is None:
+            return None
+        span = trace.get_current_span(value)
+        return span if span.get_span_context().is_valid else None
+    except Exception:  # best effort: the finding is still reported without it
+        return None
+
+
+# The installed watchdog, read by ``LoopState.beat`` (a global read is cheaper than a reference
+# per state, and lets a stale beat after uninstall do nothing).
+_MONITOR: Watchdog | None = None
+
+
+def set_current(watchdog: Watchdog | None) -> None:
+    global _MONITOR
+    _MONITOR = watchdog
