@@ -245,9 +245,12 @@ def _thresholds(steps: list[tuple[str, float | None]] | None) -> dict[str, Any]:
             "steps": [{"color": color, "value": value} for color, value in steps]}
 
 
-def trace_link(span_prefix: str) -> dict[str, Any]:
-    """A data link opening Grafana Explore on the trace store, searching the spans of one
-    subject (span names are ``async with <qualname>`` / ``async for <qualname>``)."""
+def trace_link(span_kind: str) -> dict[str, Any]:
+    """A data link opening Grafana Explore on the trace store with the spans of one subject.
+
+    Span names carry the bare qualname (``async with Pool``) while the metrics' subject is
+    module-qualified, so the search is by the spans' ``asyncdiag.subject`` attribute (a Jaeger
+    tag), which equals the metrics' label exactly."""
     pane = {
         "traces": {
             "datasource": "@DS@",
@@ -256,7 +259,7 @@ def trace_link(span_prefix: str) -> dict[str, Any]:
                 "datasource": {"type": "jaeger", "uid": "@DS@"},
                 "queryType": "search",
                 "service": "@JOB@",
-                "operation": f"{span_prefix} @SUBJECT@",
+                "tags": 'asyncdiag.subject="@SUBJECT@"',
                 "limit": 20,
             }],
             "range": {"from": "@FROM@", "to": "@TO@"},
@@ -266,9 +269,9 @@ def trace_link(span_prefix: str) -> dict[str, Any]:
     for token, variable in (("@DS@", "${DS_TRACES}"), ("@JOB@", "${job:percentencode}"),
                             ("@SUBJECT@", "${__data.fields.asyncdiag_subject:percentencode}"),
                             ("@FROM@", "${__from}"), ("@TO@", "${__to}")):
-        encoded = encoded.replace(token, variable)
-    return {"title": f"Traces of this subject ({span_prefix} spans)", "targetBlank": False,
-            "url": f"/explore?schemaVersion=1&orgId=1&panes={encoded}"}
+        encoded = encoded.replace(urllib.parse.quote(token, safe=""), variable)
+    return {"title": f"Traces of this subject ('{span_kind}' spans in Jaeger)",
+            "targetBlank": False, "url": f"/explore?schemaVersion=1&orgId=1&panes={encoded}"}
 
 
 # -- template variables ---------------------------------------------------------------------

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import pytest
 import yaml
@@ -292,7 +292,16 @@ def test_three_dashboards_with_the_promised_content() -> None:
     findings_board = load_dashboard(titles["asyncdiag / Findings"])
     links = [link["url"] for panel in iter_panels(findings_board)
              for link in panel.get("fieldConfig", {}).get("defaults", {}).get("links", [])]
-    assert links and all("/explore?" in url and "%22jaeger%22" in url for url in links)
+    assert links
+    for url in links:
+        pane = json.loads(unquote(url.split("panes=", 1)[1]))
+        (query,) = pane["traces"]["queries"]
+        assert query["datasource"] == {"type": "jaeger", "uid": "${DS_TRACES}"}
+        assert query["service"] == "${job:percentencode}"
+        # Span names carry the bare qualname; the subject label equals the span attribute.
+        assert query["tags"] == (
+            'asyncdiag.subject="${__data.fields.asyncdiag_subject:percentencode}"')
+        assert pane["traces"]["range"] == {"from": "${__from}", "to": "${__to}"}
     assert any(t.get("datasource", {}).get("type") == "jaeger"
                for panel in iter_panels(findings_board) for t in panel.get("targets", []))
 
