@@ -100,6 +100,7 @@ def main() -> int:
     import asyncdiag
     from asyncdiag import _lifecycle
 
+    preinstalled = _lifecycle.current() is not None
     agent = _lifecycle.current() or asyncdiag.install()
     if mode == "late":
         providers = app_providers()
@@ -110,6 +111,7 @@ def main() -> int:
     facts = {
         "elapsed": elapsed,
         "own_pipeline": telemetry._pipeline is not None,
+        "preinstalled": preinstalled,
         "findings": [f.describe() for f in asyncdiag.findings()],
     }
     print(json.dumps(facts), flush=True)

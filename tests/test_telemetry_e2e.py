@@ -227,3 +227,33 @@ def test_prometheus_endpoint_serves_the_contract_series() -> None:
     assert f'le="{_names.DURATION_BUCKETS[0]:g}"' in text or "le=\"1e-05\"" in text
     assert 'asyncdiag_subject="probe.Pool"' in text
     assert SECRET_PART not in text
+
+
+INSTRUMENT = Path(sys.executable).with_name("opentelemetry-instrument")
+
+
+@pytest.mark.skipif(not INSTRUMENT.exists(), reason="opentelemetry-distro not installed")
+def test_opentelemetry_instrument_installs_the_agent_with_its_providers() -> None:
+    with OtlpReceiver() as receiver:
+        env = clean_env(
+            OTEL_EXPORTER_OTLP_ENDPOINT=receiver.grpc_endpoint,
+            OTEL_SERVICE_NAME=SERVICE, OTEL_LOGS_EXPORTER="none",
+            OTEL_METRIC_EXPORT_INTERVAL="200", OTEL_BSP_SCHEDULE_DELAY="100",
+        )
+        proc = subprocess.run([str(INSTRUMENT), sys.executable, str(PROBE), "env"], env=env,
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        facts = json.loads(proc.stdout.splitlines()[0])
+        assert facts["preinstalled"] is True  # by the entry point, before the program ran
+        assert facts["own_pipeline"] is False  # opentelemetry-instrument's providers
+        assert_contract_metrics(receiver)
+        assert_spans(receiver)
+        # One resource: the SDK's configured by opentelemetry-instrument, nothing of ours.
+        assert {r["service.name"] for r in receiver.resources()} == {SERVICE}
+
+    env["OTEL_PYTHON_DISABLED_INSTRUMENTATIONS"] = "flask, asyncdiag"
+    env.update(OTEL_TRACES_EXPORTER="none", OTEL_METRICS_EXPORTER="none")
+    proc = subprocess.run([str(INSTRUMENT), sys.executable, str(PROBE), "env"], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.splitlines()[0])["preinstalled"] is False

@@ -483,6 +483,8 @@ class Telemetry:
         if name == _names.FINDINGS.name:
             return self._findings.observations()
         if name == _names.ASYNCGEN_ACTIVE.name:
+            # Always one observation: the SDK skips ``_receive_metrics`` for a collection with
+            # no data at all, and the histograms ride on that call.
             return [Observation(self._asyncgen_active)]
         if name == _names.LOOP_TASKS.name:
             return self._observe_tasks()
@@ -581,7 +583,6 @@ class Telemetry:
 
     def _merge_histograms(self, reader: Any, data: MetricsData, resource: Any) -> MetricsData:
         """``data`` plus asyncdiag's histograms, in the temporality ``reader`` asked for."""
-        from opentelemetry.sdk.metrics import Histogram as SdkHistogram
         from opentelemetry.sdk.metrics.export import (
             AggregationTemporality,
             Metric,
@@ -594,8 +595,7 @@ class Telemetry:
 
         from . import __version__
 
-        temporalities = getattr(reader, "_instrument_class_temporality", {})
-        temporality = temporalities.get(SdkHistogram, AggregationTemporality.CUMULATIVE)
+        temporality = _histogram_temporality(reader)
         delta = temporality == AggregationTemporality.DELTA
         now = time_ns()
         new_metrics = []
@@ -690,6 +690,24 @@ def finding_event_attributes(finding: Finding) -> dict[str, AttributeValue]:
     if finding.duration is not None:
         attributes[_names.EVENT_ATTR_DURATION] = finding.duration
     return attributes
+
+
+def _histogram_temporality(reader: Any) -> Any:
+    """The temporality ``reader`` wants for histograms (cumulative unless it asked for delta).
+
+    Readers keep their preference keyed by the SDK's internal instrument classes
+    (``_Histogram``, what a synchronous histogram is), so that is what is looked up.
+    """
+    from opentelemetry.sdk.metrics.export import AggregationTemporality
+
+    temporalities = getattr(reader, "_instrument_class_temporality", None) or {}
+    try:
+        from opentelemetry.sdk.metrics._internal.instrument import _Histogram
+    except ImportError:  # pragma: no cover - SDK layout changed: keep the default
+        return AggregationTemporality.CUMULATIVE
+    found = temporalities.get(_Histogram, AggregationTemporality.CUMULATIVE)
+    return found if found == AggregationTemporality.DELTA else (
+        AggregationTemporality.CUMULATIVE)
 
 
 def _delta_min_max(counts: Sequence[int], low: float, high: float) -> tuple[float, float]:
