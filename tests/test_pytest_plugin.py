@@ -67,6 +67,7 @@ def test_leaky_test_fails_with_the_findings_and_locations(pytester: pytest.Pytes
     result.assert_outcomes(passed=1, failed=1)
     result.stdout.fnmatch_lines([
         "*_ test_leaky _*",
+        "asyncdiag: never_awaited at test_inner.py:7, unretrieved_exception at test_inner.py:9",
         "asyncdiag: 2 distinct async mistake(s) found (3 occurrence(s)):",
         "  never_awaited * test_inner.py:7  make_coro  [[]x2[]]",
         "  unretrieved_exception * test_inner.py:9  worker  [[]x1[]]",
@@ -74,7 +75,7 @@ def test_leaky_test_fails_with_the_findings_and_locations(pytester: pytest.Pytes
         "*= asyncdiag =*",
         "1 test(s) failed because of async mistakes:",
         "  test_inner.py::test_leaky",
-        "FAILED test_inner.py::test_leaky - asyncdiag: 2 distinct*",
+        "FAILED test_inner.py::test_leaky - asyncdiag: never_awaited at test_inner.py*",
     ])
     assert _lifecycle.current() is None, "the plugin must uninstall at session end"
 
@@ -258,6 +259,7 @@ def test_finding_in_fixture_teardown_errors_that_test(pytester: pytest.Pytester)
     result.assert_outcomes(passed=2, errors=1)
     result.stdout.fnmatch_lines([
         "*ERROR at teardown of test_uses_resource*",
+        "asyncdiag: pending_task_destroyed at test_inner.py:12",
         "asyncdiag: async mistakes found while this test was torn down*",
         "  pending_task_destroyed * test_inner.py:12  Task-1  [[]x1[]]",
     ])

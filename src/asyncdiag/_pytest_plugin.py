@@ -244,7 +244,11 @@ def format_failure(
     """The failure text of one test: the console summary of its findings, their stacks, and
     how to allow one."""
     shown = [_display(f, rootpath) for f in _fold(findings)]
-    lines = []
+    # The first line is what pytest's short summary shows: name the mistakes there.
+    headline = ", ".join(f"{f.kind} at {f.location or f.subject}" for f in shown[:3])
+    if len(shown) > 3:
+        headline += f" and {len(shown) - 3} more"
+    lines = [f"asyncdiag: {headline}"]
     if when == "teardown":
         lines.append("asyncdiag: async mistakes found while this test was torn down "
                      "(after the test body ended: fixtures finalized, objects collected).")

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import importlib
 import threading
 import types
 import weakref
@@ -246,7 +247,9 @@ class Capture:
             InMemorySpanExporter,
         )
 
-        from . import _telemetry
+        # Through sys.modules, as install() imports it: after an in-process pytester run has
+        # restored sys.modules, the package attribute may name a stale copy of the module.
+        _telemetry = importlib.import_module("asyncdiag._telemetry")
 
         delta = AggregationTemporality.DELTA
         cumulative = AggregationTemporality.CUMULATIVE

@@ -1,0 +1,267 @@
+"""The pytest plugin end to end: real mistakes in inner tests, found by the real detectors,
+fail the test that made them (pytester, inner sessions in this process)."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+from asyncdiag import _lifecycle
+
+INI = """
+[pytest]
+asyncio_default_fixture_loop_scope = function
+{extra}
+"""
+
+MISTAKES = '''
+import asyncio, time
+import pytest
+import asyncdiag
+from asyncdiag import _lifecycle
+
+
+async def numbers():
+    yield 1
+    yield 2
+
+
+async def work():
+    await asyncio.sleep(0)
+
+
+async def boom():
+    raise ValueError("nobody looks at me")
+
+
+@asyncdiag.instrument
+class Swallow:
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc_info):
+        return True
+
+
+async def orphan_generator():
+    async for _ in numbers():
+        break  # the generator is dropped unfinished, never closed
+
+
+async def forget_to_await():
+    work()
+
+
+async def lose_task_exception():
+    task = asyncio.ensure_future(boom())
+    await asyncio.sleep(0.01)
+    del task
+
+
+async def block_the_loop():
+    time.sleep(0.5)
+
+
+async def swallow_exception():
+    async with Swallow():
+        raise ValueError("lost")
+
+
+async def clean():
+    gen = numbers()
+    try:
+        async for _ in gen:
+            break
+    finally:
+        await gen.aclose()
+    await work()
+    task = asyncio.ensure_future(boom())
+    with pytest.raises(ValueError):
+        await task
+    async with Swallow():
+        pass
+'''
+
+CASES = {
+    "orphaned_asyncgen": "orphan_generator",
+    "never_awaited": "forget_to_await",
+    "unretrieved_exception": "lose_task_exception",
+    "loop_blocked": "block_the_loop",
+    "swallowed_exception": "swallow_exception",
+}
+
+
+def _run(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
+    return pytester.runpytest("-p", "no:hypothesispytest", "-p", "no:randomly",
+                              "--asyncdiag-blocked-ms=150", *args)
+
+
+def _setup(pytester: pytest.Pytester, tests: str, ini: str = "") -> None:
+    pytester.makeini(INI.format(extra=ini))
+    pytester.makepyfile(mistakes=MISTAKES)
+    pytester.makepyfile(test_inner="from mistakes import *\nfrom asyncdiag import _lifecycle\n"
+                        + textwrap.dedent(tests))
+
+
+@pytest.mark.parametrize("kind", sorted(CASES))
+def test_each_mistake_fails_its_test_under_asyncio_run(
+    pytester: pytest.Pytester, kind: str
+) -> None:
+    _setup(pytester, f"""
+        def test_clean():
+            asyncio.run(clean())
+
+        def test_leaky():
+            asyncio.run({CASES[kind]}())
+
+        def test_after():
+            asyncio.run(clean())
+    """)
+    result = _run(pytester, "--asyncdiag")
+    result.assert_outcomes(passed=2, failed=1)
+    result.stdout.fnmatch_lines([
+        "*_ test_leaky _*",
+        f"asyncdiag: {kind} at mistakes.py:*",
+        f"  {kind} *mistakes.py:*",
+        "FAILED test_inner.py::test_leaky - asyncdiag*",
+    ])
+
+
+def test_the_same_mistakes_pass_without_the_plugin(pytester: pytest.Pytester) -> None:
+    calls = "\n".join(f"def test_{kind}():\n    asyncio.run({func}())\n    "
+                      "assert _lifecycle.current() is None\n"
+                      for kind, func in CASES.items())
+    _setup(pytester, calls)
+    result = _run(pytester)
+    result.assert_outcomes(passed=len(CASES))
+    assert "= asyncdiag =" not in result.stdout.str()
+    assert _lifecycle.current() is None
+
+
+@pytest.mark.parametrize("mode", ["strict", "auto"])
+def test_pytest_asyncio_tests_are_checked(pytester: pytest.Pytester, mode: str) -> None:
+    marker = "@pytest.mark.asyncio" if mode == "strict" else ""
+    _setup(pytester, f"""
+        {marker}
+        async def test_clean():
+            await clean()
+
+        {marker}
+        async def test_orphan():
+            await orphan_generator()
+
+        {marker}
+        async def test_never_awaited():
+            await forget_to_await()
+
+        {marker}
+        async def test_after():
+            await clean()
+    """, ini=f"asyncio_mode = {mode}")
+    result = _run(pytester, "--asyncdiag")
+    result.assert_outcomes(passed=2, failed=2)
+    result.stdout.fnmatch_lines([
+        "FAILED test_inner.py::test_orphan - asyncdiag*",
+        "FAILED test_inner.py::test_never_awaited - asyncdiag*",
+    ], consecutive=False)
+    result.stdout.fnmatch_lines(["  orphaned_asyncgen *mistakes.py:*"])
+    result.stdout.fnmatch_lines(["  never_awaited *mistakes.py:*"])
+
+
+def test_allow_listed_mistake_passes_and_is_reported(pytester: pytest.Pytester) -> None:
+    _setup(pytester, """
+        @pytest.mark.asyncdiag_allow("orphaned_asyncgen", "mistakes.py:*", reason="vendored")
+        def test_allowed():
+            asyncio.run(orphan_generator())
+
+        def test_allowed_by_ini():
+            asyncio.run(forget_to_await())
+    """, ini="asyncdiag_allow = never_awaited:mistakes.py:*")
+    result = _run(pytester, "--asyncdiag")
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines([
+        "allowed findings (asyncdiag_allow):",
+        "  test_inner.py::test_allowed: orphaned_asyncgen mistakes.py:* "
+        "[[]allowed by orphaned_asyncgen:mistakes.py:* (@pytest.mark.asyncdiag_allow, vendored)[]]",
+        "  test_inner.py::test_allowed_by_ini: never_awaited mistakes.py:* "
+        "[[]allowed by never_awaited:mistakes.py:* (ini asyncdiag_allow)[]]",
+    ])
+
+
+def test_generator_collected_after_the_body_is_charged_to_its_test(
+    pytester: pytest.Pytester,
+) -> None:
+    # The generator sits in a reference cycle, so only the cyclic collector finalizes it:
+    # after the test body, at the collection the plugin runs before judging the test.
+    _setup(pytester, """
+        import gc
+
+        class Holder:
+            pass
+
+        def test_leaves_cycle():
+            gc.disable()
+            async def main():
+                holder = Holder()
+                holder.me = holder
+                holder.gen = numbers()
+                await holder.gen.__anext__()
+            asyncio.run(main())
+
+        def test_next():
+            gc.enable()
+            asyncio.run(clean())
+    """)
+    result = _run(pytester, "--asyncdiag")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(["FAILED test_inner.py::test_leaves_cycle - asyncdiag*"])
+
+
+def test_marker_checks_one_test(pytester: pytest.Pytester) -> None:
+    _setup(pytester, """
+        def test_unchecked():
+            asyncio.run(orphan_generator())
+
+        @pytest.mark.asyncdiag
+        def test_checked():
+            asyncio.run(orphan_generator())
+    """)
+    result = _run(pytester)
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(["FAILED test_inner.py::test_checked - asyncdiag*"])
+
+
+def test_session_scoped_loop(pytester: pytest.Pytester) -> None:
+    # One loop for the whole session, created before the first test: findings are still
+    # charged test by test.
+    _setup(pytester, """
+        async def test_clean():
+            await clean()
+
+        async def test_orphan():
+            await orphan_generator()
+
+        async def test_after():
+            await clean()
+    """, ini="asyncio_mode = auto\nasyncio_default_test_loop_scope = session")
+    result = _run(pytester, "--asyncdiag")
+    result.assert_outcomes(passed=2, failed=1)
+    result.stdout.fnmatch_lines(["FAILED test_inner.py::test_orphan - asyncdiag*"])
+
+
+@pytest.mark.parametrize("kind", ["orphaned_asyncgen", "never_awaited"])
+def test_uvloop(pytester: pytest.Pytester, kind: str) -> None:
+    pytest.importorskip("uvloop")
+    _setup(pytester, f"""
+        import uvloop
+
+        def test_clean():
+            uvloop.run(clean())
+
+        def test_leaky():
+            uvloop.run({CASES[kind]}())
+    """)
+    result = _run(pytester, "--asyncdiag")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines([f"  {kind} *mistakes.py:*"])
