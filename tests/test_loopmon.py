@@ -13,9 +13,9 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from _support import run_on
 
 import asyncdiag
+from _support import run_on
 from asyncdiag import _findings
 
 HERE = __file__
@@ -213,8 +213,14 @@ def test_no_finding_for_many_short_steps(loop_factory: LoopFactory) -> None:
 
     async def main() -> None:
         await asyncio.sleep(0.03)
-        # Batches of thousands of ready steps delay the loop, but no step is slow.
-        await asyncio.gather(*(short(i) for i in range(3000)))
+        # Batches of thousands of ready steps delay the loop, but no step is slow. (Tasks are
+        # created 200 at a time: creating thousands in one step is itself a slow step.)
+        tasks = []
+        for i in range(3000):
+            tasks.append(asyncio.ensure_future(short(i)))
+            if i % 200 == 0:
+                await asyncio.sleep(0)
+        await asyncio.gather(*tasks)
         await chunked()
 
     run_on(loop_factory, main())

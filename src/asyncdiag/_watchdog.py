@@ -310,6 +310,11 @@ class Watchdog:
         top = frames.get(state.thread_id) if state.thread_id is not None else None
         entry, task = self._step_of(state, loop, top)
         identity = (id(task), id(entry)) if entry is not None else None
+        if identity == state.run_identity and now - state.last_poll > 2.5 * self.settings.poll:
+            # The watchdog itself was not scheduled for a while (overloaded machine): no beat
+            # was posted, so loop turns in the gap went unseen and the same task/frame may be
+            # several steps. Restart the run rather than merge them into one false "slow" step.
+            state.run_since = now
         if identity != state.run_identity:
             # A different step (or none) is running now: the previous one ended since the last
             # poll.
