@@ -254,7 +254,9 @@ class AsyncioWarnings:
                 f"{what} failed with {type(exc).__name__} and nobody retrieved the exception "
                 "(no await, .result() or .exception())",
                 subject, location=location, task=name,
-                stack=[*lines, f"{type(exc).__name__}: {exc}\n", *_source_traceback(context)],
+                # The exception's type, not its message: messages carry payloads and
+                # credentials (asyncio's own log line still shows it, as without asyncdiag).
+                stack=[*lines, f"{type(exc).__name__}\n", *_source_traceback(context)],
             )
 
     # -- never awaited --------------------------------------------------------------------------
