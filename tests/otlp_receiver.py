@@ -138,9 +138,13 @@ class OtlpReceiver:
         return {metric.name for _, metric in self.metrics()}
 
     def latest(self, name: str) -> Any:
-        """The most recent Metric called ``name`` (cumulative: it holds everything so far)."""
+        """The most recent Metric called ``name`` (cumulative: it holds everything so far).
+
+        By the points' timestamps, not arrival order: the gRPC server handles requests on
+        several threads."""
         found = [metric for _, metric in self.metrics() if metric.name == name]
-        return found[-1] if found else None
+        return max(found, key=lambda m: max((p.time_unix_nano for p in data_points(m)),
+                                            default=0), default=None)
 
     def wait_for(self, predicate: Callable[[OtlpReceiver], bool], timeout: float) -> bool:
         deadline = time.monotonic() + timeout

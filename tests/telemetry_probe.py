@@ -20,6 +20,7 @@ import json
 import os
 import sys
 import time
+from typing import Any
 
 SECRET = "db://user:s3cr3t-probe@db.internal:5432/app"
 SUBJECT = "probe.Pool"
@@ -93,8 +94,63 @@ async def work(telemetry: object) -> None:
     await asyncio.sleep(float(os.environ.get("PROBE_SLEEP", "0.2")))
 
 
+async def mistakes_with_secrets() -> None:
+    """Every detector's mistake, with the credential in arguments, attributes and exception
+    messages (where a careless agent would copy it from)."""
+    import gc
+
+    import asyncdiag
+
+    @asyncdiag.instrument
+    class Pool:
+        def __init__(self, dsn: str) -> None:
+            self.dsn = dsn
+
+        async def __aenter__(self) -> Pool:
+            time.sleep(0.12)  # blocks the loop: slow_callback
+            return self
+
+        async def __aexit__(self, *exc: object) -> bool:
+            await asyncio.sleep(0.25)  # slow_teardown
+            return True  # swallows the error below: swallowed_exception
+
+    @asyncdiag.instrument
+    async def rows(dsn: str) -> Any:
+        for i in range(5):
+            await asyncio.sleep(0)
+            yield f"{dsn}/{i}"
+
+    async with Pool(SECRET):
+        raise ConnectionError(f"cannot reach {SECRET}")
+    async for _row in rows(SECRET):
+        break  # orphaned_asyncgen
+    async def query(dsn: str) -> None:
+        raise RuntimeError(f"query failed on {dsn}")
+
+    query(SECRET)  # type: ignore[unused-coroutine]  # never_awaited
+    task = asyncio.ensure_future(query(SECRET))
+    await asyncio.sleep(0.01)
+    del task  # unretrieved_exception
+    gc.collect()
+    await asyncio.sleep(0.05)
+    gc.collect()
+
+
 def main() -> int:
     mode = sys.argv[1]
+    if mode == "secrets":
+        import logging
+
+        # asyncdiag's own log records, as text (message, stack and exception), for the test.
+        handler = logging.FileHandler(os.environ["PROBE_LOG"])
+        handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+        logging.getLogger("asyncdiag").addHandler(handler)
+        import asyncdiag
+
+        asyncio.run(mistakes_with_secrets())
+        print(json.dumps({"findings": [f.describe() for f in asyncdiag.findings()],
+                          "stacks": ["".join(f.stack) for f in asyncdiag.findings()]}))
+        return 0
     providers = app_providers() if mode == "app" else None
 
     import asyncdiag

@@ -257,3 +257,31 @@ def test_opentelemetry_instrument_installs_the_agent_with_its_providers() -> Non
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout.splitlines()[0])["preinstalled"] is False
+
+
+def test_no_argument_value_or_credential_is_recorded_anywhere(tmp_path: Path) -> None:
+    """The real detectors see every mistake committed with a credential in arguments,
+    instance attributes, yielded items and exception messages; none of it is exported,
+    logged by asyncdiag or kept in a finding."""
+    log = tmp_path / "asyncdiag.log"
+    with OtlpReceiver() as receiver:
+        env = otlp_env(receiver.grpc_endpoint, PROBE_LOG=str(log),
+                       ASYNCDIAG_SLOW_CALLBACK_MS="50", ASYNCDIAG_SLOW_TEARDOWN_MS="100")
+        proc = subprocess.run([sys.executable, str(PROBE), "secrets"], env=env,
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        facts = json.loads(proc.stdout.splitlines()[0])
+    kinds = {line.split("]")[0].lstrip("[") for line in facts["findings"]}
+    # The detectors really saw the mistakes (the check below would be empty otherwise).
+    assert {_names.SWALLOWED_EXCEPTION, _names.ORPHANED_ASYNCGEN,
+            _names.NEVER_AWAITED} <= kinds, kinds
+    assert receiver.spans() and receiver.metric_requests
+    leaks = []
+    if any(SECRET_PART.encode() in body for body in receiver.raw):
+        leaks.append("OTLP export")
+    if SECRET_PART in log.read_text():
+        leaks.append("asyncdiag log records")
+    if SECRET_PART in json.dumps(facts):
+        leaks.append("findings")
+    assert not leaks, (leaks, [line for line in log.read_text().splitlines()
+                               if SECRET_PART in line])
