@@ -164,6 +164,12 @@ class LoopState:
         self.thread_id = threading.get_ident()
         lag = now - self.posted_at
         self.last_run = now
+        if seq <= self.ran_seq:
+            # A prime's beat, possibly after a posted beat already ran (a run can be announced
+            # twice: Runner discovery, then run_forever). It measures no lag (posted_at is not
+            # its own) and must not move ran_seq back, or the watchdog would wait forever for a
+            # beat that already ran and post no more: no lag metric, no end of stalls.
+            return
         self.ran_seq = seq
         if self.stale:
             self.stale = False
