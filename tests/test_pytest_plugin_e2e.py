@@ -16,7 +16,7 @@ asyncio_default_fixture_loop_scope = function
 """
 
 MISTAKES = '''
-import asyncio, time
+import asyncio, gc, time
 import pytest
 import asyncdiag
 from asyncdiag import _lifecycle
@@ -60,12 +60,38 @@ async def lose_task_exception():
 
 
 async def block_the_loop():
+    # After a first await: a block in the very first step of a run is not seen by the loop
+    # monitor (it starts watching a loop at the run's first iteration).
+    await asyncio.sleep(0.01)
     time.sleep(0.5)
 
 
 async def swallow_exception():
     async with Swallow():
         raise ValueError("lost")
+
+
+async def swallow_cancellation():
+    async def victim():
+        async with Swallow():
+            await asyncio.sleep(10)
+
+    task = asyncio.ensure_future(victim())
+    await asyncio.sleep(0)
+    task.cancel()
+    await task  # finishes normally: the cancellation was swallowed
+
+
+async def abandon_pending_task():
+    loop = asyncio.get_running_loop()
+
+    async def waits_forever():
+        await loop.create_future()
+
+    task = loop.create_task(waits_forever())
+    await asyncio.sleep(0)
+    del task  # the only strong reference: collected while pending
+    gc.collect()
 
 
 async def clean():
@@ -89,6 +115,8 @@ CASES = {
     "unretrieved_exception": "lose_task_exception",
     "loop_blocked": "block_the_loop",
     "swallowed_exception": "swallow_exception",
+    "swallowed_cancellation": "swallow_cancellation",
+    "pending_task_destroyed": "abandon_pending_task",
 }
 
 
@@ -126,6 +154,14 @@ def test_each_mistake_fails_its_test_under_asyncio_run(
         f"  {kind} *mistakes.py:*",
         "FAILED test_inner.py::test_leaky - asyncdiag*",
     ])
+    if kind == "loop_blocked":
+        # The loop thread's stack while it was stuck, without pytest's and asyncio's frames.
+        result.stdout.fnmatch_lines([
+            "loop_blocked at mistakes.py:* (stack without pytest, pluggy, asyncio and "
+            "asyncdiag frames):",
+            '  File "*mistakes.py", line *, in block_the_loop',
+            "    time.sleep(0.5)",
+        ])
 
 
 def test_the_same_mistakes_pass_without_the_plugin(pytester: pytest.Pytester) -> None:

@@ -49,7 +49,7 @@ MARKER = "asyncdiag"
 ALLOW_MARKER = "asyncdiag_allow"
 PROPERTY_ALLOWED = "asyncdiag_allowed"
 PROPERTY_REPORTED = "asyncdiag_reported"
-_MAX_STACK_LINES = 40
+_MAX_STACK_FRAMES = 8
 
 
 # -- hooks active in every pytest run (cheap: options and markers only) ----------------------
@@ -255,11 +255,9 @@ def format_failure(
     lines.append(_findings.format_summary(shown).rstrip("\n"))
     for finding in shown:
         if finding.stack:
-            stack = "".join(finding.stack).rstrip("\n").splitlines()
-            if len(stack) > _MAX_STACK_LINES:
-                stack = ["  ...", *stack[-_MAX_STACK_LINES:]]
-            lines.append(f"{finding.kind} at {finding.location or '(location unknown)'}:")
-            lines.extend(stack)
+            lines.append(f"{finding.kind} at {finding.location or '(location unknown)'}"
+                         " (stack without pytest, pluggy, asyncio and asyncdiag frames):")
+            lines.extend(_user_stack(finding.stack))
     example = shown[0]
     where = f', "{example.location}"' if example.location else ""
     lines.append(
@@ -268,6 +266,25 @@ def format_failure(
         f"{':' + example.location if example.location else ''}"
     )
     return "\n".join(lines)
+
+
+def _framework_dirs() -> tuple[str, ...]:
+    dirs = []
+    for name in ("_pytest", "pytest", "pluggy", "pytest_asyncio", "asyncio", "asyncdiag",
+                 "uvloop", "runpy"):
+        module = sys.modules.get(name)
+        file = getattr(module, "__file__", None)
+        if file:
+            dirs.append(file if name == "runpy" else os.path.dirname(file) + os.sep)
+    return tuple(dirs)
+
+
+def _user_stack(stack: tuple[str, ...]) -> list[str]:
+    """The stack's frames outside the test machinery, innermost last, at most a few."""
+    markers = (*(f'File "{d}' for d in _framework_dirs()), 'File "<frozen ')
+    kept = [entry for entry in stack if not any(m in entry for m in markers)] or list(stack)
+    text = "".join(kept[-_MAX_STACK_FRAMES:]).rstrip("\n").splitlines()
+    return (["  ..."] if len(kept) > _MAX_STACK_FRAMES else []) + text
 
 
 def _one_line(finding: _findings.Finding, rootpath: Path) -> str:
