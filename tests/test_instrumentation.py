@@ -529,7 +529,8 @@ def test_body_runs_with_the_async_with_span_current(
     assert it.attributes[_names.ATTR_OUTCOME] == "ok"
     assert it.attributes["asyncdiag.gap.mean"] > 0
     assert outer.attributes["asyncdiag.enter.duration"] >= 0
-    assert outer.attributes["code.filepath"] == __file__
+    assert outer.attributes[_names.ATTR_SUBJECT] == f"{name}.Outer"
+    assert it.attributes["code.filepath"] == __file__
     # One span per iteration, none per item.
     assert len(otel.finished("async for")) == 1
     nexts = {p.attributes[_names.ATTR_SUBJECT]: p for p in otel.points(

@@ -41,6 +41,21 @@ _get_running_loop = asyncio.events._get_running_loop
 _current_task = asyncio.current_task
 _HAS_CANCELLING = sys.version_info >= (3, 11)
 
+
+def _task_lookup() -> Callable[[Any], Any]:
+    """The cheapest ``loop -> current task`` available: ``asyncio.current_task`` is a Python
+    function on 3.11 (a frame per call on the hot path); its table is a plain dict there."""
+    c_current = getattr(sys.modules.get("_asyncio"), "current_task", None)
+    if c_current is not None and asyncio.current_task is c_current:
+        return c_current  # type: ignore[no-any-return]
+    table = getattr(asyncio.tasks, "_current_tasks", None)
+    if isinstance(table, dict):
+        return table.get
+    return asyncio.current_task
+
+
+_task_of = _task_lookup()
+
 # One item in this many gets its __anext__ timed (and, on 3.11+, checked for a cancellation
 # that went in and did not come out). Every item is counted. A clock read costs about as much
 # as the whole per-item budget on the machines we measured, so timing every item is not
@@ -89,7 +104,7 @@ class Runtime:
         self.pending_detach: dict[int, _Open] = {}
         self.iterations: dict[int, _Iteration] = {}
 
-    def start_span(self, name: str) -> Any:
+    def start_span(self, name: str, attributes: dict[str, Any] | None = None) -> Any:
         """A span for ``name`` when it would be sampled, else None (nothing to attach)."""
         if not self.mode_final:
             self.mode, self.mode_final = _spans.evaluate(self.tracer)
@@ -102,7 +117,7 @@ class Runtime:
                 return None
         elif mode == _spans.FOLLOW_PARENT_ROOT_ON and _spans.parent_sampled() is False:
             return None
-        return self.tracer.start_span(name)
+        return self.tracer.start_span(name, attributes=attributes)
 
 
 RUNTIME: Runtime | None = None
@@ -138,13 +153,14 @@ def _task_name() -> str | None:
 
 def _cancelling() -> tuple[Any, int]:
     """The current task and how many cancellation requests it has pending (3.11+)."""
-    if _get_running_loop() is None:
+    loop = _get_running_loop()
+    if loop is None:
         return None, 0
-    task = _current_task()
-    cancelling = getattr(task, "cancelling", None)
-    if cancelling is None:
+    task = _task_of(loop)
+    try:
+        return task, task.cancelling()
+    except AttributeError:  # no task, or a Task-like object without cancelling()
         return None, 0
-    return task, cancelling()
 
 
 def _format_seconds(seconds: float) -> str:
@@ -171,7 +187,8 @@ class _Open:
         self.ctx = trace.set_span_in_context(span)
         self.token = otel_context.attach(self.ctx)
         self.probe = _PROBE.set(None)
-        self.task = _current_task() if _get_running_loop() is not None else None
+        loop = _get_running_loop()
+        self.task = _task_of(loop) if loop is not None else None
         self.enter_duration = 0.0
         self.ended = False
 
@@ -225,7 +242,8 @@ def _pop_open(rt: Runtime, obj: Any) -> _Open | None:
     records = rt.open.get(id(obj))
     if not records:
         return None
-    task = _current_task() if _get_running_loop() is not None else None
+    loop = _get_running_loop()
+    task = _task_of(loop) if loop is not None else None
     index = len(records) - 1
     for i in range(len(records) - 1, -1, -1):
         if records[i].task is task and records[i].obj is obj:
@@ -243,7 +261,6 @@ def _end_with_span(
 ) -> None:
     span = record.span
     span.set_attributes({
-        _names.ATTR_SUBJECT: site.subject,
         _names.ATTR_OUTCOME: outcome,
         "asyncdiag.enter.duration": record.enter_duration,
         "asyncdiag.exit.duration": exit_duration,
@@ -320,21 +337,23 @@ def _dress(method: Any, original: Any) -> None:
 
 
 def make_cm_methods(
-    site: Site | None, call_enter: Caller, call_exit: Caller, *, dispatch: bool,
+    site: Site | None, call_enter: Caller, call_exit: Caller, *, owner: type | None,
 ) -> tuple[Callable[..., Awaitable[Any]], Callable[..., Awaitable[Any]]]:
     """``__aenter__``/``__aexit__`` that measure the block and call the originals.
 
-    ``dispatch``: the methods are patched on a class and measure only when they are what
-    ``async with`` finds on ``type(self)``; called through ``super()`` from an override (or
-    from a subclass that overrides one of the pair) they pass through, so that one block is
-    measured once. ``site`` None: read it from ``self._self_site`` (proxies).
+    ``owner``: the class they are patched on. They measure only when they are what
+    ``async with`` finds on ``type(self)``; called through ``super()`` from an override (or on
+    a subclass that overrides one of the pair) they pass through, so that one block is
+    measured once. ``owner`` None (proxies): no such check. ``site`` None: read it from
+    ``self._self_site`` (proxies).
     """
     active = [True]
 
     async def __aenter__(self: Any, *args: Any, **kwargs: Any) -> Any:
         rt = RUNTIME
-        if rt is None or not active[0] or (dispatch and (
-            type(self).__aenter__ is not __aenter__ or type(self).__aexit__ is not __aexit__
+        cls = type(self)
+        if rt is None or not active[0] or (cls is not owner and owner is not None and (
+            cls.__aenter__ is not __aenter__ or cls.__aexit__ is not __aexit__
         )):
             return await call_enter(self, *args, **kwargs)
         record = None
@@ -343,11 +362,11 @@ def make_cm_methods(
                 if rt.pending_detach:
                     _unwind(rt)
                 s = site if site is not None else self._self_site
-                span = rt.start_span(s.with_span)
+                # The SDK validates every attribute (about a tenth of a span's cost each): the
+                # span carries the subject and, at the end, outcome and durations; the
+                # `async with` line is in findings, not on every span.
+                span = rt.start_span(s.with_span, {_names.ATTR_SUBJECT: s.subject})
                 if span is not None:
-                    frame = sys._getframe(1)
-                    span.set_attribute("code.filepath", frame.f_code.co_filename)
-                    span.set_attribute("code.lineno", frame.f_lineno)
                     record = _Open(span, self)
             except Exception as exc:
                 failed(exc)
@@ -381,20 +400,24 @@ def make_cm_methods(
 
     async def __aexit__(self: Any, *args: Any, **kwargs: Any) -> Any:
         rt = RUNTIME
-        if rt is None or not active[0] or (dispatch and (
-            type(self).__aexit__ is not __aexit__ or type(self).__aenter__ is not __aenter__
+        cls = type(self)
+        if rt is None or not active[0] or (cls is not owner and owner is not None and (
+            cls.__aexit__ is not __aexit__ or cls.__aenter__ is not __aenter__
         )):
             return await call_exit(self, *args, **kwargs)
-        record = None
+        record = _pop_open(rt, self) if rt.open else None
         task = None
         cancelling = 0
-        try:
-            if rt.open:
-                record = _pop_open(rt, self)
-            if _HAS_CANCELLING:
-                task, cancelling = _cancelling()
-        except Exception as internal:
-            failed(internal)
+        if _HAS_CANCELLING:
+            # A cancellation delivered into __aexit__ and caught there leaves the task's count
+            # of pending cancellation requests higher than before (3.11+).
+            loop = _get_running_loop()
+            if loop is not None:
+                task = _task_of(loop)
+                try:
+                    cancelling = task.cancelling()
+                except AttributeError:
+                    task = None
         t0 = perf_counter()
         try:
             suppress = await call_exit(self, *args, **kwargs)
@@ -419,16 +442,23 @@ def make_cm_methods(
         try:
             s = site if site is not None else self._self_site
             exc_type = args[0] if args else kwargs.get("exc_type")
-            outcome = _outcome(exc_type, suppress)
-            rt.telemetry.record_exit(s.subject, outcome, t1 - t0)
-            new_cancel = (
-                task is not None and task.cancelling() > cancelling and outcome != "cancelled"
-            )
-            if (exc_type is not None and suppress) or new_cancel or t1 - t0 > rt.slow_teardown:
+            if exc_type is None:
+                rt.telemetry.record_exit(s.subject, "ok", t1 - t0)
+                swallowed = False
+                new_cancel = task is not None and task.cancelling() > cancelling
+            else:
+                outcome = _outcome(exc_type, suppress)
+                rt.telemetry.record_exit(s.subject, outcome, t1 - t0)
+                swallowed = bool(suppress)
+                new_cancel = (
+                    task is not None and outcome != "cancelled"
+                    and task.cancelling() > cancelling
+                )
+            if swallowed or new_cancel or t1 - t0 > rt.slow_teardown:
                 _exit_findings(rt, s, sys._getframe(1), exc_type, suppress, new_cancel,
                                t1 - t0, record.span if record is not None else None)
             if record is not None:
-                _end_with_span(rt, record, outcome, t1 - t0, exc_type, s)
+                _end_with_span(rt, record, _outcome(exc_type, suppress), t1 - t0, exc_type, s)
         except Exception as internal:
             failed(internal)
         return suppress
@@ -454,7 +484,7 @@ class AsyncCMProxy(_ObjectProxy):  # type: ignore[misc]
         None,
         lambda self, *a, **k: self.__wrapped__.__aenter__(*a, **k),
         lambda self, *a, **k: self.__wrapped__.__aexit__(*a, **k),
-        dispatch=False,
+        owner=None,
     )
 
     def __repr__(self) -> str:
@@ -497,7 +527,6 @@ def _end_iteration(
         return
     end = perf_counter()
     attributes: dict[str, Any] = {
-        _names.ATTR_SUBJECT: site.subject,
         _names.ATTR_OUTCOME: outcome,
         "asyncdiag.items": items,
     }
@@ -518,11 +547,11 @@ async def _observe(agen: Any, site: Site, state: _GenState) -> AsyncGenerator[An
 
     Forwards ``asend``/``athrow``/``aclose`` so the consumer cannot tell the difference; the
     iteration's span runs from here (the first ``__anext__``) to exhaustion, error, close or
-    orphaning (closed by the loop's finalizer without the user calling ``aclose``).
+    orphaning (closed by the loop's finalizer without the user calling ``aclose``). The common
+    path of an item is the ``async for`` below, a count and one bit test: one item in
+    ``TIMING_STRIDE_MASK + 1`` takes the slow path (clock reads, histogram, cancel check).
     """
     rt = RUNTIME
-    anext_ = agen.__anext__
-    asend = agen.asend
     caller = sys._getframe(1)
     where = _location(caller)
     del caller
@@ -530,71 +559,66 @@ async def _observe(agen: Any, site: Site, state: _GenState) -> AsyncGenerator[An
     started = perf_counter()
     if rt is not None and rt.tracing:
         try:
-            span = rt.start_span(site.for_span)
-            if span is not None and where is not None:
+            attributes: dict[str, Any] = {_names.ATTR_SUBJECT: site.subject}
+            if where is not None:
                 path, _, line = where.rpartition(":")
-                span.set_attribute("code.filepath", path)
-                span.set_attribute("code.lineno", int(line))
+                attributes["code.filepath"] = path
+                attributes["code.lineno"] = int(line)
+            span = rt.start_span(site.for_span, attributes)
         except Exception as internal:
             failed(internal)
             rt = None
     subject = site.subject
-    record_next = rt.telemetry.record_next if rt is not None else None
+    mask = TIMING_STRIDE_MASK if rt is not None else -1  # -1: never the slow path
     items = 0
     reported = 0
     timed = 0
     next_sum = 0.0
     gap_max = 0.0
-    last_timed = started
+    last_timed = 0.0
     first_item = 0.0
+    t0 = started
+    task, cancelling = _cancelling() if _HAS_CANCELLING else (None, 0)
+    time_next = False
     outcome = "ok"
-    sent: Any = None
     try:
-        while True:
-            if items & TIMING_STRIDE_MASK or record_next is None:
-                try:
-                    item = await (anext_() if sent is None else asend(sent))
-                except StopAsyncIteration:
-                    break
-            else:
-                task, cancelling = _cancelling() if _HAS_CANCELLING else (None, 0)
-                t0 = perf_counter()
-                try:
-                    item = await (anext_() if sent is None else asend(sent))
-                except StopAsyncIteration:
-                    break
-                t1 = perf_counter()
-                try:
-                    if not items:
-                        first_item = t1
-                    record_next(subject, t1 - t0)
-                    next_sum += t1 - t0
-                    if t1 - last_timed > gap_max and timed:
-                        gap_max = t1 - last_timed
-                    last_timed = t1
-                    timed += 1
-                    if task is not None and task.cancelling() > cancelling and rt is not None:
-                        _iteration_findings(rt, site, where, _names.SWALLOWED_CANCELLATION,
-                                            None, span)
-                    if items - reported >= 4096 and rt is not None:
-                        # Long-lived streams: the yields counter moves while they run.
-                        rt.telemetry.add_yields(subject, items - reported)
-                        reported = items
-                except Exception as internal:
-                    failed(internal)
-                    record_next = None
+        async for item in agen:
             items += 1
+            if not (items - 1) & mask:
+                t1 = perf_counter()
+                if rt is None or RUNTIME is not rt:
+                    mask = -1  # uninstalled (or failed) meanwhile: stop measuring
+                else:
+                    try:
+                        if items == 1:
+                            first_item = t1
+                        rt.telemetry.record_next(subject, t1 - t0)
+                        next_sum += t1 - t0
+                        if timed and t1 - last_timed > gap_max:
+                            gap_max = t1 - last_timed
+                        last_timed = t1
+                        timed += 1
+                        if task is not None and task.cancelling() > cancelling:
+                            _iteration_findings(rt, site, where, _names.SWALLOWED_CANCELLATION,
+                                                None, span)
+                        if items - reported >= 4096:
+                            # Long-lived streams: the yields counter moves while they run.
+                            rt.telemetry.add_yields(subject, items - reported)
+                            reported = items
+                        time_next = True
+                    except Exception as internal:
+                        failed(internal)
+                        mask = -1
             while True:
                 try:
                     sent = yield item
-                    break
                 except GeneratorExit:
                     outcome = "closed" if state.user_close else "orphaned"
-                    t0 = perf_counter()
+                    closing = perf_counter()
                     try:
                         await agen.aclose()
                     finally:
-                        took = perf_counter() - t0
+                        took = perf_counter() - closing
                         if rt is not None and took > rt.slow_teardown:
                             _iteration_findings(rt, site, where, _names.SLOW_TEARDOWN, took,
                                                 span)
@@ -605,6 +629,19 @@ async def _observe(agen: Any, site: Site, state: _GenState) -> AsyncGenerator[An
                     except StopAsyncIteration:
                         return
                     items += 1
+                    continue
+                if sent is None:
+                    break
+                try:
+                    item = await agen.asend(sent)
+                except StopAsyncIteration:
+                    return
+                items += 1
+            if time_next:
+                time_next = False
+                if _HAS_CANCELLING:
+                    task, cancelling = _cancelling()
+                t0 = perf_counter()
     except GeneratorExit:
         raise
     except BaseException as exc:
@@ -681,7 +718,6 @@ def _finish_class_iteration(rt: Runtime, key: int, site: Site, outcome: str) -> 
     if iteration is None or iteration.span is None:
         return
     iteration.span.set_attributes({
-        _names.ATTR_SUBJECT: site.subject,
         _names.ATTR_OUTCOME: outcome,
         "asyncdiag.items": iteration.items,
         "asyncdiag.duration": perf_counter() - iteration.started,
@@ -755,14 +791,17 @@ def make_anext(site: Site, call_next: Caller) -> Callable[..., Awaitable[Any]]:
 def _begin_class_iteration(rt: Runtime, obj: Any, key: int, site: Site) -> _Iteration:
     if len(rt.iterations) >= MAX_OPEN:
         _finish_class_iteration(rt, next(iter(rt.iterations)), site, "abandoned")
-    span = rt.start_span(site.for_span) if rt.tracing else None
+    span = None
     where = None
-    if span is not None:
-        where = _location(sys._getframe(2))
-        if where is not None:
-            path, _, line = where.rpartition(":")
-            span.set_attribute("code.filepath", path)
-            span.set_attribute("code.lineno", int(line))
+    if rt.tracing:
+        frame = sys._getframe(2)
+        where = _location(frame)
+        span = rt.start_span(site.for_span, {
+            _names.ATTR_SUBJECT: site.subject,
+            "code.filepath": frame.f_code.co_filename,
+            "code.lineno": frame.f_lineno,
+        })
+        del frame
 
     def orphaned(_ref: Any, rt: Runtime = rt, key: int = key) -> None:
         # The iterator was collected before it was exhausted: end its span.

@@ -121,7 +121,7 @@ def patch_class(cls: type, patcher: Patcher) -> bool:
         _is_ours(Patcher.raw(cls, "__aenter__")) and _is_ours(Patcher.raw(cls, "__aexit__"))
     ):
         aenter, aexit = make_cm_methods(
-            site, _caller_for(enter), _caller_for(leave), dispatch=True
+            site, _caller_for(enter), _caller_for(leave), owner=cls
         )
         patcher.set(cls, "__aenter__", aenter)
         patcher.set(cls, "__aexit__", aexit)

@@ -1,0 +1,219 @@
+"""Cost of instrumenting an ``async with`` and an async generator item, in microseconds.
+
+    python benchmarks/bench_instrumentation.py [--rounds 9] [--loop asyncio|uvloop]
+
+Each round measures, on a fresh loop and in this one process (so the ratios share the
+machine's noise):
+
+* ``plain``: an uninstrumented class / generator, with the agent installed (so only the
+  instrumentation's own cost is counted, not the other detectors');
+* ``metrics``: the same code instrumented, metrics aggregated for an SDK MeterProvider, spans
+  not sampled (``OTEL_TRACES_SAMPLER=always_off``);
+* ``traced``: instrumented, every operation traced (``always_on``) through a
+  ``BatchSpanProcessor`` to an exporter that drops the batch;
+* ``sdk_span``: no instrumentation; the loop body starts a span with the same SDK tracer
+  provider, makes it current around the ``async with``, detaches and ends it: the SDK's own
+  cost for one span, which the traced instrumentation must stay within 1.25x of.
+
+Budgets (issue 5): metrics <= 2 us per ``async with`` and <= 0.3 us per item; traced <= 1.25x
+the SDK's span cost. The medians of the per-round differences are printed and, with
+``--json``, written out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+WITH_OPS = 20_000
+ITEMS = 200_000
+
+
+class PlainResource:
+    async def __aenter__(self) -> PlainResource:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+
+class Resource:
+    async def __aenter__(self) -> Resource:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+
+async def plain_items(n: int) -> AsyncIterator[int]:
+    for i in range(n):
+        yield i
+
+
+async def items(n: int) -> AsyncIterator[int]:
+    for i in range(n):
+        yield i
+
+
+TARGETS = (f"{__name__}:Resource", f"{__name__}:items")
+
+
+async def with_loop(cls: type, n: int) -> float:
+    started = time.perf_counter()
+    for _ in range(n):
+        async with cls():
+            pass
+    return time.perf_counter() - started
+
+
+async def item_loop(factory: Callable[[int], AsyncIterator[int]], n: int) -> float:
+    started = time.perf_counter()
+    async for _ in factory(n):
+        pass
+    return time.perf_counter() - started
+
+
+async def sdk_span_loop(tracer: Any, n: int) -> float:
+    from opentelemetry import context, trace
+
+    started = time.perf_counter()
+    for _ in range(n):
+        span = tracer.start_span("async with PlainResource")
+        token = context.attach(trace.set_span_in_context(span))
+        async with PlainResource():
+            pass
+        context.detach(token)
+        span.end()
+    return time.perf_counter() - started
+
+
+def _providers(sampler: str) -> tuple[Any, Any]:
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import (
+        BatchSpanProcessor,
+        SpanExporter,
+        SpanExportResult,
+    )
+
+    class DropExporter(SpanExporter):
+        def export(self, spans: Any) -> SpanExportResult:
+            return SpanExportResult.SUCCESS
+
+    previous = os.environ.get("OTEL_TRACES_SAMPLER")
+    os.environ["OTEL_TRACES_SAMPLER"] = sampler
+    try:
+        tracer_provider = TracerProvider()  # the sampler comes from the environment
+    finally:
+        if previous is None:
+            del os.environ["OTEL_TRACES_SAMPLER"]
+        else:
+            os.environ["OTEL_TRACES_SAMPLER"] = previous
+    tracer_provider.add_span_processor(BatchSpanProcessor(DropExporter()))
+    meter_provider = MeterProvider(metric_readers=[InMemoryMetricReader()])
+    return tracer_provider, meter_provider
+
+
+@contextmanager
+def agent(sampler: str) -> Iterator[Any]:
+    import asyncdiag
+    from asyncdiag import _telemetry
+
+    tracer_provider, meter_provider = _providers(sampler)
+    _telemetry.use_providers(tracer_provider, meter_provider)
+    asyncdiag.install(instrument=TARGETS, exporter="none")
+    try:
+        yield meter_provider
+    finally:
+        asyncdiag.uninstall()
+        tracer_provider.shutdown()
+        meter_provider.shutdown()
+
+
+def run(loop_factory: Callable[[], asyncio.AbstractEventLoop], coro: Any) -> float:
+    loop = loop_factory()
+    try:
+        return float(loop.run_until_complete(coro))
+    finally:
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
+
+
+def one_round(loop_factory: Callable[[], asyncio.AbstractEventLoop]) -> dict[str, float]:
+    us = 1e6
+    r: dict[str, float] = {}
+    with agent("always_off") as meter_provider:
+        r["plain_with"] = run(loop_factory, with_loop(PlainResource, WITH_OPS)) / WITH_OPS * us
+        r["plain_item"] = run(loop_factory, item_loop(plain_items, ITEMS)) / ITEMS * us
+        r["metrics_with"] = run(loop_factory, with_loop(Resource, WITH_OPS)) / WITH_OPS * us
+        r["metrics_item"] = run(loop_factory, item_loop(items, ITEMS)) / ITEMS * us
+        meter_provider.force_flush()  # collection happens off the measured path
+    with agent("always_on"):
+        r["traced_with"] = run(loop_factory, with_loop(Resource, WITH_OPS)) / WITH_OPS * us
+        r["traced_item"] = run(loop_factory, item_loop(items, ITEMS)) / ITEMS * us
+    tracer_provider, meter_provider = _providers("always_on")
+    try:
+        tracer = tracer_provider.get_tracer("bench")
+        r["sdk_span_with"] = run(loop_factory, sdk_span_loop(tracer, WITH_OPS)) / WITH_OPS * us
+    finally:
+        tracer_provider.shutdown()
+        meter_provider.shutdown()
+    return r
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
+    parser.add_argument("--json", default="")
+    args = parser.parse_args()
+    if args.loop == "uvloop":
+        import uvloop
+
+        loop_factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    else:
+        loop_factory = asyncio.new_event_loop
+    run(loop_factory, with_loop(PlainResource, 1000))  # warm-up
+    rounds = [one_round(loop_factory) for _ in range(args.rounds)]
+
+    def median(f: Callable[[dict[str, float]], float]) -> float:
+        return statistics.median(f(r) for r in rounds)
+
+    result = {
+        "python": sys.version.split()[0],
+        "loop": args.loop,
+        "rounds": args.rounds,
+        "plain_async_with_us": median(lambda r: r["plain_with"]),
+        "plain_item_us": median(lambda r: r["plain_item"]),
+        "metrics_added_per_async_with_us": median(lambda r: r["metrics_with"] - r["plain_with"]),
+        "metrics_added_per_item_us": median(lambda r: r["metrics_item"] - r["plain_item"]),
+        "traced_added_per_async_with_us": median(lambda r: r["traced_with"] - r["plain_with"]),
+        "traced_added_per_item_us": median(lambda r: r["traced_item"] - r["plain_item"]),
+        "sdk_span_cost_us": median(lambda r: r["sdk_span_with"] - r["plain_with"]),
+        "traced_over_sdk_span": median(
+            lambda r: (r["traced_with"] - r["plain_with"]) / (r["sdk_span_with"] - r["plain_with"])
+        ),
+    }
+    result["budgets_met"] = {
+        "metrics_async_with<=2us": result["metrics_added_per_async_with_us"] <= 2.0,
+        "metrics_item<=0.3us": result["metrics_added_per_item_us"] <= 0.3,
+        "traced<=1.25x_sdk_span": result["traced_over_sdk_span"] <= 1.25,
+    }
+    for key, value in result.items():
+        print(f"{key:36} {value:.3f}" if isinstance(value, float) else f"{key:36} {value}")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(result, fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()
