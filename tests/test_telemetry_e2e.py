@@ -285,3 +285,31 @@ def test_no_argument_value_or_credential_is_recorded_anywhere(tmp_path: Path) ->
         leaks.append("findings")
     assert not leaks, (leaks, [line for line in log.read_text().splitlines()
                                if SECRET_PART in line])
+
+
+def test_demo_with_real_detectors_exports_every_metric_and_finding_kind() -> None:
+    """``asyncdiag demo`` (every detector, real instrumentation), configured by environment
+    variables only: the whole contract arrives at the collector."""
+    with OtlpReceiver() as receiver:
+        env = otlp_env(receiver.grpc_endpoint)
+        del env["ASYNCDIAG_ENABLED"]  # the demo installs the agent itself
+        proc = subprocess.run([sys.executable, "-m", "asyncdiag", "demo"], env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        latest = metric_by_name(receiver)
+        missing = [spec.name for spec in _names.METRICS if spec.name not in latest]
+        assert not missing, missing
+        logged = {line.split("]")[0].split("[")[1] for line in proc.stderr.splitlines()
+                  if line.startswith("asyncdiag: [")}
+        counted = {attributes(p.attributes)[_names.ATTR_KIND]: p.as_int
+                   for p in data_points(latest[_names.FINDINGS.name])}
+        assert set(counted) == logged, (counted, logged)
+        assert logged >= {_names.SWALLOWED_EXCEPTION, _names.SLOW_TEARDOWN,
+                          _names.ORPHANED_ASYNCGEN}
+        subjects = {attributes(p.attributes)[_names.ATTR_SUBJECT]
+                    for p in data_points(latest[_names.CONTEXT_EXIT_DURATION.name])}
+        assert "asyncdiag._demo.ForgivingTransaction" in subjects
+        spans = receiver.spans()
+        events = [attributes(e.attributes)[_names.EVENT_ATTR_KIND] for s in spans
+                  for e in s.events if e.name == _names.FINDING_EVENT]
+        assert _names.SWALLOWED_EXCEPTION in events, [s.name for s in spans]
