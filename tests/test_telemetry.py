@@ -189,6 +189,20 @@ def test_uninstall_unhooks_readers_and_reinstall_does_not_duplicate(
     assert point.count == 1  # a fresh install starts from zero
 
 
+@pytest.mark.skipif(not hasattr(MeterProvider, "add_metric_reader"),
+                    reason="SDK without MeterProvider.add_metric_reader")
+def test_reader_added_after_install_gets_the_histograms(providers: Providers) -> None:
+    providers.install().telemetry.record_enter("m.C", 0.001)
+    later = InMemoryMetricReader()
+    providers.meter_provider.add_metric_reader(later)
+    data = later.get_metrics_data()
+    names = {m.name for rm in data.resource_metrics for sm in rm.scope_metrics
+             for m in sm.metrics}
+    assert _names.CONTEXT_ENTER_DURATION.name in names
+    asyncdiag.uninstall()
+    assert "_receive_metrics" not in vars(later)
+
+
 def test_finding_is_an_event_on_the_current_or_given_span(providers: Providers) -> None:
     agent = providers.install()
     tracer = agent.telemetry.tracer

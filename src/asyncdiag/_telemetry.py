@@ -327,6 +327,7 @@ class Telemetry:
         self._patcher = Patcher()
         self._hooked: weakref.WeakSet[Any] = weakref.WeakSet()
         self._late_binding = False
+        self._bound_provider: Any = None
         self._unsupported_logged = False
         self._delta_state: weakref.WeakKeyDictionary[
             Any, dict[tuple[str, Hashable], tuple[list[float], int]]
@@ -395,8 +396,10 @@ class Telemetry:
         if _active is self:
             _active = None
         self._task_sources.clear()
-        self._patcher.restore_all()
-        self._hooked = weakref.WeakSet()
+        with self._lock:
+            self._patcher.restore_all()
+            self._hooked = weakref.WeakSet()
+            self._bound_provider = None
         for attr in ("record_enter", "record_exit", "record_next", "record_loop_lag",
                      "record_slow_callback"):
             self.__dict__.pop(attr, None)
@@ -478,6 +481,9 @@ class Telemetry:
     def _observe(self, name: str) -> Iterable[Observation]:
         if self._late_binding:
             self._bind_late()
+        elif name == _names.ASYNCGEN_ACTIVE.name and self._bound_provider is not None:
+            # Once per collection: hook readers added since (MeterProvider.add_metric_reader).
+            self._bind_histograms(self._bound_provider)
         if name == _names.ITERATOR_YIELDS.name:
             return self._yields.observations()
         if name == _names.FINDINGS.name:
@@ -511,6 +517,10 @@ class Telemetry:
 
     def _bind_histograms(self, provider: Any, *, late: bool = False) -> None:
         """Deliver the pre-aggregated histograms to ``provider``'s readers."""
+        with self._lock:
+            self._bind_histograms_locked(provider, late)
+
+    def _bind_histograms_locked(self, provider: Any, late: bool) -> None:
         readers = _sdk_readers(provider)
         if readers is None:
             if late:
@@ -527,6 +537,7 @@ class Telemetry:
             return
         if getattr(provider, "_disabled", False):
             return
+        self._bound_provider = provider
         resource = getattr(getattr(provider, "_sdk_config", None), "resource", None)
         for reader in readers:
             if reader in self._hooked:
