@@ -191,13 +191,7 @@ def test_loop_blocked_is_reported_while_the_loop_is_still_stuck(
     assert slow.duration is not None and slow.duration >= 0.3
 
 
-@pytest.mark.parametrize("chunks", [
-    False,
-    pytest.param(True, marks=pytest.mark.xfail(
-        strict=False,
-        reason="known open issue: in a full run on asyncio two back-to-back steps of one task "
-               "are sometimes merged into one slow step")),
-])
+@pytest.mark.parametrize("chunks", [False, True], ids=["many-tasks", "back-to-back-steps"])
 def test_no_finding_for_many_short_steps(loop_factory: LoopFactory, chunks: bool) -> None:
     threshold = 0.1
     install(slow_callback_duration=threshold)
