@@ -408,3 +408,60 @@ def test_uninstall_restores_exception_handler(loop_factory: LoopFactory) -> None
     assert warnings._warn_unawaited_coroutine is original_hook  # type: ignore[attr-defined]
     asyncio.set_event_loop(None)
     loop.close()
+
+
+def test_several_loops_in_several_threads(loop_factory: LoopFactory) -> None:
+    agent = install()
+    monitor: Any = agent.component("loop monitor")
+    watchdogs: set[int] = set()
+
+    async def first() -> None:
+        await asyncio.sleep(0.03)
+        time.sleep(BLOCK)  # BLOCKING-THREAD-1
+        await asyncio.sleep(0.03)
+
+    async def second() -> None:
+        await asyncio.sleep(0.03)
+        watchdogs.update(id(t) for t in threading.enumerate() if t.name == "asyncdiag-watchdog")
+        time.sleep(BLOCK)  # BLOCKING-THREAD-2
+        await asyncio.sleep(0.03)
+
+    workers = [threading.Thread(target=run_on, args=(loop_factory, coro()))
+               for coro in (first, second)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(5)
+    assert wait_for(lambda: len(of_kind("slow_callback")) == 2)
+    locations = {f.location for f in of_kind("slow_callback")}
+    assert locations == {f"{HERE}:{line_of('BLOCKING-THREAD-1')}",
+                         f"{HERE}:{line_of('BLOCKING-THREAD-2')}"}
+    assert len(watchdogs) == 1  # one thread serves every loop
+    assert wait_for(lambda: monitor.watchdog.thread is None)
+
+
+def test_loop_lag_metric_comes_from_the_heartbeat(
+    loop_factory: LoopFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from asyncdiag import _telemetry
+
+    lags: list[float] = []
+    slow: list[float] = []
+    monkeypatch.setattr(_telemetry.Telemetry, "record_loop_lag",
+                        lambda self, seconds: lags.append(seconds))
+    monkeypatch.setattr(_telemetry.Telemetry, "record_slow_callback",
+                        lambda self, seconds: slow.append(seconds))
+    install()
+
+    async def main() -> None:
+        await asyncio.sleep(0.1)
+        time.sleep(BLOCK)
+        await asyncio.sleep(0.1)
+
+    run_on(loop_factory, main())
+    slow_findings_settled()
+    assert len(lags) >= 3  # a beat every poll (10 ms here) while the loop ran
+    assert all(lag >= 0 for lag in lags)
+    assert max(lags) >= BLOCK * 0.5  # the beat posted during the block waited for it
+    assert sorted(lags)[len(lags) // 2] < SLOW  # a healthy loop has a small median lag
+    assert len(slow) == 1 and slow[0] >= BLOCK * 0.8
