@@ -407,3 +407,31 @@ def test_delta_min_max_stays_within_the_occupied_buckets() -> None:
     low, high = _telemetry._delta_min_max(counts, 1e-6, 9.0)
     assert (low, high) == (_names.DURATION_BUCKETS[2], _names.DURATION_BUCKETS[3])
     assert _telemetry._delta_min_max([0] * len(counts), 0.1, 0.2) == (math.inf, -math.inf)
+
+
+def test_own_pipeline_threads_and_port_are_gone_after_uninstall(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+    import urllib.error
+    import urllib.request
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setenv("OTEL_METRICS_EXPORTER", "prometheus")
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "console")
+    monkeypatch.setenv("OTEL_EXPORTER_PROMETHEUS_HOST", "127.0.0.1")
+    monkeypatch.setenv("OTEL_EXPORTER_PROMETHEUS_PORT", str(port))
+    before = set(threading.enumerate())
+    agent = asyncdiag.install(exporter="console")
+    agent.telemetry.record_enter("m.C", 0.001)
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        assert b"asyncdiag_context_enter_duration_seconds_count" in response.read()
+    assert set(threading.enumerate()) - before  # the batch processor and the HTTP server
+    asyncdiag.uninstall()
+    deadline = time.monotonic() + 5
+    while set(threading.enumerate()) - before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not set(threading.enumerate()) - before
+    with pytest.raises(urllib.error.URLError):
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2)

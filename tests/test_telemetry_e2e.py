@@ -193,12 +193,12 @@ def test_collector_down_or_hanging_costs_the_program_nothing() -> None:
         assert "Traceback" not in err
         # The program's own work: same time as with nothing exported (generous for a shared
         # 2-core machine; a blocking export would add seconds).
-        assert facts["elapsed"] < baseline["elapsed"] * 1.5 + 0.3, (facts, baseline)
+        assert facts["elapsed"] < baseline["elapsed"] * 1.5 + 0.5, (facts, baseline)
     # Refused connections: the final flush is one attempt, no backoff.
     assert down_wall < baseline_wall + 1.5, (down_wall, baseline_wall)
     # A collector that never answers: exit waits for the bounded flush, not the 10 s export
     # timeout or the SDK's 30 s shutdown.
-    assert hung_wall < baseline_wall + SHUTDOWN_TIMEOUT_SECONDS + 1.5, (hung_wall, baseline_wall)
+    assert hung_wall < baseline_wall + SHUTDOWN_TIMEOUT_SECONDS + 2.5, (hung_wall, baseline_wall)
     assert "span(s) were dropped" in hung_err
 
 
