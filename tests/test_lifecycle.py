@@ -206,3 +206,20 @@ def test_guard_returns_default_and_disables() -> None:
     assert calls == [1, 3]
     _safety.reset()
 
+
+
+def test_each_run_is_announced_once() -> None:
+    agent = asyncdiag.install(exporter="none")
+    runs: list[asyncio.AbstractEventLoop] = []
+    agent.loops.subscribe(on_run=runs.append)
+    # Discovered by the policy and the Runner, then run_forever: one announcement per run, and
+    # asyncio.run runs the loop three times (main, shutdown_asyncgens, default executor).
+    asyncio.run(asyncio.sleep(0))
+    assert len(runs) == 3
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(asyncio.sleep(0))
+        loop.run_until_complete(asyncio.sleep(0))
+    finally:
+        loop.close()
+    assert runs.count(loop) == 2  # one announcement per run, not per discovery path

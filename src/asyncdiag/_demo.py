@@ -19,6 +19,12 @@ import asyncdiag
 
 from . import _config, _lifecycle
 
+# Each mistake is made just past the installed agent's threshold, so the demo shows it whatever
+# thresholds are in force (e.g. under ASYNCDIAG_ENABLED=1, where the agent is installed before
+# the demo can apply its own short defaults). Set by main().
+_blocking_call_seconds = 0.12
+_teardown_seconds = 0.25
+
 # Short thresholds so that one round takes a few seconds; an explicit option or environment
 # variable still wins.
 _DEMO_DEFAULTS = {
@@ -33,7 +39,7 @@ class SlowConnection:
     """Mistake: a blocking call inside ``__aenter__`` (stalls every other task)."""
 
     async def __aenter__(self) -> SlowConnection:
-        time.sleep(0.12)  # a synchronous DNS lookup / driver call, in real life
+        time.sleep(_blocking_call_seconds)  # a synchronous DNS lookup / driver call, in real life
         return self
 
     async def __aexit__(
@@ -82,7 +88,7 @@ class SlowPool:
         self, exc_type: type[BaseException] | None, exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await asyncio.sleep(0.25)
+        await asyncio.sleep(_teardown_seconds)
 
 
 @asyncdiag.instrument
@@ -189,8 +195,11 @@ async def service(rounds: int, interval: float, block_seconds: float) -> None:
 def main(rounds: int = 1, interval: float = 1.0) -> int:
     for name, value in _DEMO_DEFAULTS.items():
         os.environ.setdefault(name, value)
+    global _blocking_call_seconds, _teardown_seconds
     agent = _lifecycle.current() or asyncdiag.install()
     block_seconds = agent.config.blocked_threshold * 1.5 + 0.1
+    _blocking_call_seconds = agent.config.slow_callback_duration * 1.2 + 0.02
+    _teardown_seconds = agent.config.slow_teardown_threshold * 1.5 + 0.02
     print(
         "asyncdiag demo: a small service commits each classic asyncio mistake"
         f" ({'forever' if rounds == 0 else f'{rounds} round(s)'});"

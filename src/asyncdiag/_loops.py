@@ -51,6 +51,9 @@ class LoopRegistry:
         self._loops: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
         self._originals: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, tuple[bool, float]]
         self._originals = weakref.WeakKeyDictionary()
+        # Loops with an announcement queued and not yet run: Runner discovery and the
+        # run_forever that follows would otherwise announce the same run twice.
+        self._announce_queued: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
         self._on_loop: list[LoopCallback] = []
         self._on_run: list[LoopCallback] = []
         self._debug: bool = False
@@ -109,12 +112,9 @@ class LoopRegistry:
         for callback in subscribers:
             self._call(callback, loop)
         if not loop.is_closed():
-            try:
-                # Runs inside the loop's thread on its first iteration, after run_forever has
-                # installed its own asyncgen hooks and after a Runner's set_debug(...).
-                loop.call_soon(self._announce_run, loop)
-            except RuntimeError:  # closed in between
-                pass
+            # Runs inside the loop's thread on its first iteration, after run_forever has
+            # installed its own asyncgen hooks and after a Runner's set_debug(...).
+            self._queue_announcement(loop)
 
     # -- component ----------------------------------------------------------------------
     def start(self, agent: Agent) -> None:
@@ -156,6 +156,7 @@ class LoopRegistry:
                                  exc_info=True)
             self._originals.clear()
             self._loops = weakref.WeakSet()
+            self._announce_queued = weakref.WeakSet()
             self._on_loop.clear()
             self._on_run.clear()
 
@@ -170,7 +171,18 @@ class LoopRegistry:
         except Exception as exc:
             _safety.hook_failed("loop settings", exc)
 
+    def _queue_announcement(self, loop: asyncio.AbstractEventLoop) -> None:
+        with self._lock:
+            if loop in self._announce_queued:
+                return
+            self._announce_queued.add(loop)
+        try:
+            loop.call_soon(self._announce_run, loop)
+        except RuntimeError:  # closed in between
+            self._announce_queued.discard(loop)
+
     def _announce_run(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._announce_queued.discard(loop)
         if not self._active:
             return
         # A Runner(debug=False) or asyncio.run(debug=False) overrides creation-time settings.
@@ -215,7 +227,7 @@ class LoopRegistry:
         if self._active and instance is not None:
             try:
                 if instance in self._loops:
-                    instance.call_soon(self._announce_run, instance)
+                    self._queue_announcement(instance)
                 else:
                     self.discover(instance)
             except Exception as exc:
