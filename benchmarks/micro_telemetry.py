@@ -44,6 +44,7 @@ def main() -> None:
         ("record_exit", "t.record_exit('myapp.db.Pool', 'ok', 0.00042)", NUMBER),
         ("record_next", "t.record_next('myapp.streams.rows', 0.00042)", NUMBER),
         ("add_yields", "t.add_yields('myapp.streams.rows')", NUMBER),
+        ("record_item", "t.record_item('myapp.streams.rows', 0.00042)", NUMBER),
         ("asyncgen_active", "t.asyncgen_active(1)", NUMBER),
         ("record_loop_lag", "t.record_loop_lag(0.0021)", NUMBER),
         ("SDK Histogram.record", "h.record(0.00042, attrs)", NUMBER // 10),
@@ -56,7 +57,8 @@ def main() -> None:
         print(f"  {name:24s} {us:7.3f} µs/call   ({us / sdk:5.1%} of one SDK histogram record)")
     pair = results["record_enter"] + results["record_exit"]
     print(f"  enter+exit per `async with`: {pair:.3f} µs; per yielded item "
-          f"(record_next + add_yields): {results['record_next'] + results['add_yields']:.3f} µs")
+          f"(record_next + add_yields): {results['record_next'] + results['add_yields']:.3f} µs"
+          f", (record_item): {results['record_item']:.3f} µs")
 
 
 if __name__ == "__main__":

@@ -114,6 +114,8 @@ def test_every_metric_reaches_an_sdk_reader_with_names_from_names(providers: Pro
     t.record_next("m.rows", 0.0005)
     t.add_yields("m.rows")
     t.add_yields("m.rows", 4)
+    t.record_item("m.rows", 0.0007)  # = record_next + add_yields(1)
+    t.record_item("m.other", 0.0007)
     t.asyncgen_active(1)
     t.asyncgen_active(1)
     t.asyncgen_active(-1)
@@ -127,7 +129,12 @@ def test_every_metric_reaches_an_sdk_reader_with_names_from_names(providers: Pro
         assert found[spec.name].unit == spec.unit
         assert found[spec.name].description == spec.description
     points = {name: list(metric.data.data_points) for name, metric in found.items()}
-    assert points[_names.ITERATOR_YIELDS.name][0].value == 5
+    yields = {dict(p.attributes)[_names.ATTR_SUBJECT]: p.value
+              for p in points[_names.ITERATOR_YIELDS.name]}
+    assert yields == {"m.rows": 6, "m.other": 1}
+    nexts = {dict(p.attributes)[_names.ATTR_SUBJECT]: (p.count, p.sum)
+             for p in points[_names.ITERATOR_NEXT_DURATION.name]}
+    assert nexts == {"m.rows": (2, pytest.approx(0.0012)), "m.other": (1, 0.0007)}
     assert points[_names.ASYNCGEN_ACTIVE.name][0].value == 1
     assert points[_names.LOOP_TASKS.name][0].value == 7
     assert dict(points[_names.FINDINGS.name][0].attributes) == {
@@ -250,9 +257,13 @@ def test_non_sdk_meter_provider_gets_direct_records(providers: Providers) -> Non
     t.record_enter("m.C", 0.0004)
     t.record_exit("m.C", "ok", 0.0004)
     t.record_loop_lag(0.001)
+    t.record_item("m.rows", 0.0004)
     found = providers.collect()
     (point,) = found[_names.CONTEXT_ENTER_DURATION.name].data.data_points
     assert point.count == 1
+    (item,) = found[_names.ITERATOR_NEXT_DURATION.name].data.data_points
+    (yielded,) = found[_names.ITERATOR_YIELDS.name].data.data_points
+    assert (item.count, yielded.value) == (1, 1)
     assert tuple(point.explicit_bounds) == _names.DURATION_BUCKETS  # the advisory was used
     assert "_receive_metrics" not in vars(providers.reader)
     asyncdiag.uninstall()
@@ -380,7 +391,8 @@ def test_hot_path_methods_cost_a_fraction_of_an_sdk_record() -> None:
 
     sdk = best("h.record(0.0004, attrs)", 2000)
     for stmt in ("t.record_enter('m.Pool', 0.0004)", "t.record_exit('m.Pool', 'ok', 0.0004)",
-                 "t.record_next('m.rows', 0.0004)", "t.add_yields('m.rows')"):
+                 "t.record_next('m.rows', 0.0004)", "t.add_yields('m.rows')",
+                 "t.record_item('m.rows', 0.0004)"):
         ours = best(stmt, 20000)
         assert ours < sdk * 0.25, (stmt, ours, sdk)
     provider.shutdown()

@@ -66,6 +66,9 @@ _NBUCKETS = len(_BOUNDS) + 1
 _SUM = _NBUCKETS
 _MIN = _NBUCKETS + 1
 _MAX = _NBUCKETS + 2
+# Items yielded, counted by ``record_item`` on the iterator's next-duration point (one lookup
+# for both metrics); added to ``asyncdiag.iterator.yields`` at collection.
+_ITEMS = _NBUCKETS + 3
 
 # Total time uninstall/exit may spend flushing telemetry, so that a container stops promptly
 # even when the collector hangs.
@@ -73,7 +76,7 @@ SHUTDOWN_TIMEOUT_SECONDS = 3.0
 
 
 def _new_point() -> list[float]:
-    return [0] * _NBUCKETS + [0.0, math.inf, -math.inf]
+    return [0] * _NBUCKETS + [0.0, math.inf, -math.inf, 0]
 
 
 class _Histogram:
@@ -400,8 +403,8 @@ class Telemetry:
             self._patcher.restore_all()
             self._hooked = weakref.WeakSet()
             self._bound_provider = None
-        for attr in ("record_enter", "record_exit", "record_next", "record_loop_lag",
-                     "record_slow_callback"):
+        for attr in ("record_enter", "record_exit", "record_next", "record_item",
+                     "record_loop_lag", "record_slow_callback"):
             self.__dict__.pop(attr, None)
         self.tracer = trace.get_tracer(_names.INSTRUMENTATION_SCOPE)
 
@@ -453,6 +456,20 @@ class Telemetry:
         if seconds > point[_MAX]:
             point[_MAX] = seconds
 
+    def record_item(self, subject: str, seconds: float) -> None:
+        """One ``__anext__`` that produced an item: ``record_next(subject, seconds)`` plus
+        ``add_yields(subject, 1)`` for the price of one call (the per-item hot path)."""
+        point = self._next_points.get(subject)
+        if point is None:
+            point = self._next.point(subject, {_names.ATTR_SUBJECT: subject})
+        point[bisect_left(_BOUNDS, seconds)] += 1
+        point[_SUM] += seconds
+        point[_ITEMS] += 1
+        if seconds < point[_MIN]:
+            point[_MIN] = seconds
+        if seconds > point[_MAX]:
+            point[_MAX] = seconds
+
     def add_yields(self, subject: str, count: int = 1) -> None:
         totals = self._yield_totals
         if subject in totals:
@@ -485,7 +502,7 @@ class Telemetry:
             # Once per collection: hook readers added since (MeterProvider.add_metric_reader).
             self._bind_histograms(self._bound_provider)
         if name == _names.ITERATOR_YIELDS.name:
-            return self._yields.observations()
+            return self._observe_yields()
         if name == _names.FINDINGS.name:
             return self._findings.observations()
         if name == _names.ASYNCGEN_ACTIVE.name:
@@ -495,6 +512,20 @@ class Telemetry:
         if name == _names.LOOP_TASKS.name:
             return self._observe_tasks()
         return ()
+
+    def _observe_yields(self) -> list[Observation]:
+        """``add_yields`` totals plus the items counted by ``record_item``, per subject."""
+        totals: dict[Hashable, int] = {}
+        attributes: dict[Hashable, Mapping[str, AttributeValue]] = {}
+        for key, attrs, point in self._next.snapshot():
+            if point[_ITEMS]:
+                totals[key] = int(point[_ITEMS])
+                attributes[key] = attrs
+        with self._yields._lock:
+            for key, total in self._yields.totals.items():
+                totals[key] = totals.get(key, 0) + total
+                attributes.setdefault(key, self._yields.attributes[key])
+        return [Observation(total, attributes[key]) for key, total in totals.items()]
 
     def _observe_tasks(self) -> list[Observation]:
         observations: list[Observation] = []
@@ -575,6 +606,12 @@ class Telemetry:
         def record_next(subject: str, seconds: float) -> None:
             next_(seconds, {subject_key: subject})
 
+        add_yields = self.add_yields
+
+        def record_item(subject: str, seconds: float) -> None:
+            next_(seconds, {subject_key: subject})
+            add_yields(subject, 1)
+
         def record_loop_lag(seconds: float) -> None:
             lag(seconds)
 
@@ -584,7 +621,8 @@ class Telemetry:
         # Instance attributes shadow the aggregating methods; stop() removes them.
         self.__dict__.update(
             record_enter=record_enter, record_exit=record_exit, record_next=record_next,
-            record_loop_lag=record_loop_lag, record_slow_callback=record_slow_callback,
+            record_item=record_item, record_loop_lag=record_loop_lag,
+            record_slow_callback=record_slow_callback,
         )
         logger.info(
             "asyncdiag: MeterProvider %s is not the OpenTelemetry SDK's; duration histograms "
