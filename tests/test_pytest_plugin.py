@@ -329,3 +329,48 @@ def test_pytest_asyncio_modes(pytester: pytest.Pytester, mode: str) -> None:
     result = run(pytester, "--asyncdiag")
     result.assert_outcomes(passed=1, failed=1)
     result.stdout.fnmatch_lines(["FAILED test_inner.py::test_async_leaky - asyncdiag*"])
+
+
+def test_survivors_are_frozen_between_tests_and_thawed_at_the_end(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import gc
+
+    from asyncdiag import _pytest_plugin
+
+    # An object that outlives its test is frozen; released later in a cycle, it is found at
+    # the next thaw (here after every test) inside the test that released it.
+    monkeypatch.setattr(_pytest_plugin, "_THAW_EVERY", 1)
+    make(pytester, """
+        KEEP = []
+
+        class Cycle:
+            def __init__(self):
+                self.me = self
+            def __del__(self):
+                leak("orphaned_asyncgen", 40, "Cycle")
+
+        def test_keeps():
+            KEEP.append(Cycle())
+
+        def test_frozen():
+            assert gc.get_freeze_count() > 0
+
+        def test_releases():
+            KEEP.clear()
+    """)
+    result = run(pytester, "--asyncdiag")
+    result.assert_outcomes(passed=3, errors=1)
+    result.stdout.fnmatch_lines(["*ERROR at teardown of test_releases*"])
+    assert gc.get_freeze_count() == 0
+
+
+def test_no_freezing_when_gc_collect_is_off(pytester: pytest.Pytester) -> None:
+    make(pytester, """
+        def test_one():
+            pass
+
+        def test_two():
+            assert gc.get_freeze_count() == 0
+    """, ini="asyncdiag_gc_collect = false")
+    run(pytester, "--asyncdiag").assert_outcomes(passed=2)
