@@ -136,6 +136,23 @@ async def mistakes_with_secrets() -> None:
     gc.collect()
 
 
+def run(coro: Any) -> None:
+    """``asyncio.run``, on uvloop when PROBE_LOOP=uvloop."""
+    if os.environ.get("PROBE_LOOP") == "uvloop":
+        import uvloop
+
+        loop = uvloop.new_event_loop()
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_until_complete(coro)
+            loop.run_until_complete(loop.shutdown_asyncgens())
+        finally:
+            asyncio.set_event_loop(None)
+            loop.close()
+    else:
+        asyncio.run(coro)
+
+
 def main() -> int:
     mode = sys.argv[1]
     if mode == "secrets":
@@ -147,7 +164,7 @@ def main() -> int:
         logging.getLogger("asyncdiag").addHandler(handler)
         import asyncdiag
 
-        asyncio.run(mistakes_with_secrets())
+        run(mistakes_with_secrets())
         print(json.dumps({"findings": [f.describe() for f in asyncdiag.findings()],
                           "stacks": ["".join(f.stack) for f in asyncdiag.findings()]}))
         return 0
@@ -162,7 +179,7 @@ def main() -> int:
         providers = app_providers()
     telemetry = agent.telemetry
     started = time.perf_counter()
-    asyncio.run(work(telemetry))
+    run(work(telemetry))
     elapsed = time.perf_counter() - started
     facts = {
         "elapsed": elapsed,

@@ -123,11 +123,11 @@ def assert_no_secret(receiver: OtlpReceiver, stderr: str, facts: dict[str, Any])
     assert SECRET_PART not in json.dumps(facts)
 
 
-@pytest.mark.parametrize("protocol", ["grpc", "http/protobuf"])
-def test_env_only_program_exports_spans_and_every_metric(protocol: str) -> None:
+@pytest.mark.parametrize(("protocol", "loop"), [("grpc", "asyncio"), ("http/protobuf", "uvloop")])
+def test_env_only_program_exports_spans_and_every_metric(protocol: str, loop: str) -> None:
     with OtlpReceiver() as receiver:
         endpoint = receiver.grpc_endpoint if protocol == "grpc" else receiver.http_endpoint
-        facts, stderr, _ = run_probe("env", otlp_env(endpoint, protocol))
+        facts, stderr, _ = run_probe("env", otlp_env(endpoint, protocol, PROBE_LOOP=loop))
         assert facts["own_pipeline"] is True
         # The final flush at exit delivered everything: nothing to wait for.
         assert_contract_metrics(receiver)
@@ -259,13 +259,14 @@ def test_opentelemetry_instrument_installs_the_agent_with_its_providers() -> Non
     assert json.loads(proc.stdout.splitlines()[0])["preinstalled"] is False
 
 
-def test_no_argument_value_or_credential_is_recorded_anywhere(tmp_path: Path) -> None:
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_no_argument_value_or_credential_is_recorded_anywhere(tmp_path: Path, loop: str) -> None:
     """The real detectors see every mistake committed with a credential in arguments,
     instance attributes, yielded items and exception messages; none of it is exported,
     logged by asyncdiag or kept in a finding."""
     log = tmp_path / "asyncdiag.log"
     with OtlpReceiver() as receiver:
-        env = otlp_env(receiver.grpc_endpoint, PROBE_LOG=str(log),
+        env = otlp_env(receiver.grpc_endpoint, PROBE_LOG=str(log), PROBE_LOOP=loop,
                        ASYNCDIAG_SLOW_CALLBACK_MS="50", ASYNCDIAG_SLOW_TEARDOWN_MS="100")
         proc = subprocess.run([sys.executable, str(PROBE), "secrets"], env=env,
                               capture_output=True, text=True, timeout=60)
