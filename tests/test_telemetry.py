@@ -447,3 +447,15 @@ def test_own_pipeline_threads_and_port_are_gone_after_uninstall(
     assert not set(threading.enumerate()) - before
     with pytest.raises(urllib.error.URLError):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2)
+
+
+def test_a_broken_export_setup_never_fails_install(monkeypatch: pytest.MonkeyPatch,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise ImportError("cannot import name '_import_exporters'")
+
+    monkeypatch.setattr(_otel_pipeline, "_build", broken)
+    with caplog.at_level(logging.WARNING, logger="asyncdiag"):
+        agent = asyncdiag.install(exporter="otlp")
+    assert agent.installed and agent.telemetry._pipeline is None
+    assert any("could not be set up" in r.getMessage() for r in caplog.records)

@@ -263,7 +263,17 @@ def _prometheus_reader(pipeline: Pipeline) -> Any:
 
 def build(exporter: str, *, traces: bool, metrics: bool) -> Pipeline:
     """Build SDK providers for the signals asked for. Never raises: an exporter that cannot be
-    built is one warning, and the rest still works."""
+    built is one warning, and the rest still works; an unexpected failure (e.g. an SDK whose
+    configuration helpers moved) is one warning and no export, never a failed install."""
+    try:
+        return _build(exporter, traces=traces, metrics=metrics)
+    except Exception as exc:
+        logger.warning("asyncdiag: OpenTelemetry export could not be set up (%r); findings are "
+                       "still logged", exc)
+        return Pipeline()
+
+
+def _build(exporter: str, *, traces: bool, metrics: bool) -> Pipeline:
     pipeline = Pipeline()
     if exporter == "none":
         return pipeline
