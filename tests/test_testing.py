@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import textwrap
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -178,3 +179,55 @@ def test_findings_captured_in_a_test_do_not_fail_it_under_the_plugin(
     result = pytester.runpytest("-p", "no:hypothesispytest", "--asyncdiag")
     result.assert_outcomes(passed=1, failed=1)
     result.stdout.fnmatch_lines(["FAILED test_inner.py::test_not_claimed - asyncdiag*"])
+
+
+@asyncdiag.instrument
+class Pool:
+    async def __aenter__(self) -> Pool:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        return None
+
+
+@asyncdiag.instrument
+async def stream() -> AsyncIterator[int]:
+    yield 1
+    yield 2
+
+
+async def _use_instrumented() -> None:
+    async with Pool():
+        pass
+    async for _ in stream():
+        pass
+
+
+def _assert_instrumented_telemetry(captured: asyncdiag.testing.Capture) -> None:
+    assert sorted(captured.span_names()) == sorted(
+        [_names.async_with_span_name("Pool"), _names.async_for_span_name("stream")]
+    )
+    pool, gen = f"{Pool.__module__}.Pool", f"{stream.__module__}.stream"
+    (enter,) = captured.metric(_names.CONTEXT_ENTER_DURATION.name)
+    assert dict(enter.attributes) == {_names.ATTR_SUBJECT: pool} and enter.count == 1
+    (exit_,) = captured.metric(_names.CONTEXT_EXIT_DURATION.name)
+    assert dict(exit_.attributes) == {_names.ATTR_SUBJECT: pool, _names.ATTR_OUTCOME: "ok"}
+    assert _value(captured.metric(_names.ITERATOR_YIELDS.name), **{_names.ATTR_SUBJECT: gen}) == 2
+
+
+def test_spans_and_metrics_of_instrumented_code() -> None:
+    with asyncdiag.testing.capture() as captured:
+        asyncio.run(_use_instrumented())
+    _assert_instrumented_telemetry(captured)
+    assert captured.findings == []
+
+
+def test_spans_and_metrics_of_instrumented_code_with_a_reused_agent() -> None:
+    asyncdiag.install(exporter="none")
+    asyncio.run(_use_instrumented())  # before the block: not captured
+    with asyncdiag.testing.capture() as captured:
+        asyncio.run(_use_instrumented())
+    _assert_instrumented_telemetry(captured)
+    with asyncdiag.testing.capture() as again:
+        pass
+    assert again.spans == () and again.metric(_names.CONTEXT_ENTER_DURATION.name) == []

@@ -25,11 +25,12 @@ from __future__ import annotations
 import dataclasses
 import gc
 import importlib
+import sys
 import threading
 import types
 import weakref
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from . import _findings, _lifecycle
@@ -112,6 +113,30 @@ class _SpanTee:
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
         return True
+
+
+def _retarget_tracer(telemetry: Any, tracer: Any) -> Callable[[], None]:
+    """Point the agent's tracer, and the instrumentation's copy of it (kept, with its sampling
+    decision, for the hot path), at ``tracer``; returns the undo."""
+    original = telemetry.tracer
+    telemetry.tracer = tracer
+    proxies = sys.modules.get("asyncdiag._proxies")
+    runtime: Any = getattr(proxies, "RUNTIME", None)
+    spans = sys.modules.get("asyncdiag._spans")
+    saved: tuple[Any, Any, Any, Any] | None = None
+    if runtime is not None and spans is not None and runtime.telemetry is telemetry:
+        saved = (runtime.tracer, runtime.mode, runtime.mode_final, runtime.tracing)
+        runtime.tracer = tracer
+        runtime.mode, runtime.mode_final = spans.evaluate(tracer)
+        runtime.tracing = runtime.mode != spans.NEVER or not runtime.mode_final
+
+    def undo() -> None:
+        if telemetry.tracer is tracer:
+            telemetry.tracer = original
+        if saved is not None and runtime.tracer is tracer:
+            runtime.tracer, runtime.mode, runtime.mode_final, runtime.tracing = saved
+
+    return undo
 
 
 _tees: weakref.WeakKeyDictionary[Any, _SpanTee] = weakref.WeakKeyDictionary()
@@ -308,15 +333,8 @@ class Capture:
 
             provider = self._tracer_provider = TracerProvider(shutdown_on_exit=False)
             provider.add_span_processor(SimpleSpanProcessor(exporter))
-            original = telemetry.tracer
             ours = provider.get_tracer("asyncdiag", __version__)
-            telemetry.tracer = ours
-
-            def restore() -> None:
-                if telemetry.tracer is ours:
-                    telemetry.tracer = original
-
-            self._undo.append(restore)
+            self._undo.append(_retarget_tracer(telemetry, ours))
         telemetry_module._observable_instruments(meter_provider)
         telemetry._bind_histograms(meter_provider)
 
