@@ -231,3 +231,31 @@ def test_spans_and_metrics_of_instrumented_code_with_a_reused_agent() -> None:
     with asyncdiag.testing.capture() as again:
         pass
     assert again.spans == () and again.metric(_names.CONTEXT_ENTER_DURATION.name) == []
+
+
+def test_spans_are_teed_from_an_agent_with_an_sdk_tracer_provider() -> None:
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from asyncdiag import _telemetry
+
+    theirs = InMemorySpanExporter()
+    provider = TracerProvider(shutdown_on_exit=False)
+    provider.add_span_processor(SimpleSpanProcessor(theirs))
+    meters = MeterProvider(shutdown_on_exit=False)
+    _telemetry.use_providers(provider, meters)
+    try:
+        asyncdiag.install(exporter="none")
+    finally:
+        _telemetry.use_providers()
+    with asyncdiag.testing.capture() as captured:
+        asyncio.run(_use_instrumented())
+    _assert_instrumented_telemetry(captured)
+    assert len(theirs.get_finished_spans()) == 2, "the application's exporter still gets them"
+    asyncio.run(_use_instrumented())
+    assert len(captured.spans) == 2 and len(theirs.get_finished_spans()) == 4
+    asyncdiag.uninstall()
+    provider.shutdown()
+    meters.shutdown()

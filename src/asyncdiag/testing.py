@@ -31,7 +31,7 @@ import types
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from . import _findings, _lifecycle
 from ._findings import Finding
@@ -93,26 +93,27 @@ def capture(
                    collect_garbage=collect_garbage, claim=claim)
 
 
-class _SpanTee:
+class _SpanTee(Protocol):
+    exporters: list[InMemorySpanExporter]
+
+
+def _new_span_tee() -> _SpanTee:
     """One span processor added to an existing SDK tracer's processor chain: it forwards the
     spans that end while a capture is active, and nothing otherwise. The SDK cannot remove a
-    span processor, so it is added once per chain and stays inert between captures."""
+    span processor, so it is added once per chain and stays inert between captures.
+    (A subclass of the SDK's SpanProcessor, so hooks added to the interface later, such as
+    ``_on_ending``, have their no-op defaults.)"""
+    from opentelemetry.sdk.trace import SpanProcessor
 
-    def __init__(self) -> None:
-        self.exporters: list[InMemorySpanExporter] = []
+    class SpanTee(SpanProcessor):
+        def __init__(self) -> None:
+            self.exporters: list[InMemorySpanExporter] = []
 
-    def on_start(self, span: Any, parent_context: Any = None) -> None:
-        pass
+        def on_end(self, span: ReadableSpan) -> None:
+            for exporter in list(self.exporters):
+                exporter.export((span,))
 
-    def on_end(self, span: ReadableSpan) -> None:
-        for exporter in list(self.exporters):
-            exporter.export((span,))
-
-    def shutdown(self) -> None:
-        pass
-
-    def force_flush(self, timeout_millis: int = 30000) -> bool:
-        return True
+    return SpanTee()
 
 
 def _retarget_tracer(telemetry: Any, tracer: Any) -> Callable[[], None]:
@@ -315,12 +316,13 @@ class Capture:
         from opentelemetry.sdk.trace import TracerProvider
 
         telemetry = agent.telemetry
-        chain = getattr(telemetry.tracer, "_span_processor", None)
+        # The SDK Tracer's processor chain (the provider's active multi-span processor).
+        chain = getattr(telemetry.tracer, "span_processor", None)
         if chain is not None and hasattr(chain, "add_span_processor"):
             with _tees_lock:
                 tee = _tees.get(chain)
                 if tee is None:
-                    tee = _tees[chain] = _SpanTee()
+                    tee = _tees[chain] = _new_span_tee()
                     chain.add_span_processor(tee)
             tee.exporters.append(exporter)
             self._undo.append(lambda: tee.exporters.remove(exporter))
