@@ -669,7 +669,15 @@ class AsyncGenProxy(_ObjectProxy):  # type: ignore[misc]
     def __init__(self, wrapped: Any, site: Site) -> None:
         super().__init__(wrapped)
         self._self_state = _GenState()
-        self._self_iter = _observe(wrapped, site, self._self_state)
+        delegate = _observe(wrapped, site, self._self_state)
+        # What a repr, the orphaned-generator finding or a debugger shows for the generator
+        # that ``async for`` drives: the user's generator's names, not ours.
+        try:
+            delegate.__name__ = wrapped.__name__
+            delegate.__qualname__ = wrapped.__qualname__
+        except (AttributeError, TypeError):
+            pass
+        self._self_iter = delegate
 
     def __aiter__(self) -> Any:
         return self._self_iter
@@ -698,6 +706,17 @@ def is_internal_asyncgen(agen: Any) -> bool:
     """True for the delegating generators made here (for the orphaned-generator tracker: the
     user's own generator is the one to report, not ours)."""
     return getattr(agen, "ag_code", None) is _OBSERVE_CODE
+
+
+def wrapped_asyncgen(agen: Any) -> Any:
+    """The user's generator that one of our delegating generators drives, else None. Meant
+    for rare paths (a finalizer, a finding): it reads the suspended frame's locals."""
+    if getattr(agen, "ag_code", None) is not _OBSERVE_CODE:
+        return None
+    frame = getattr(agen, "ag_frame", None)
+    if frame is None:
+        return None
+    return frame.f_locals.get("agen")
 
 
 # -- class-based async iterators ----------------------------------------------------------------
