@@ -1,18 +1,578 @@
-"""PLACEHOLDER: implemented by its own issue."""
+"""Orphaned async generators: found through the asyncgen hooks, chained with the loop's own.
+
+An async generator that is dropped unfinished and never closed has its ``finally`` blocks
+(and the ``__aexit__`` of every ``async with`` inside it) run late, by the garbage collector
+and the loop's finalizer hook, outside the task that used it -- or never, if the loop is
+already closed. CPython tells exactly these generators apart: the finalizer captured at first
+iteration is called only for a generator that is collected while started-or-created, not
+exhausted, and not closed (``_PyGen_Finalize``: frame not completed and ``ag_closed`` unset;
+``aclose()`` and ``contextlib.aclosing`` set ``ag_closed``). That finalizer is the detector.
+
+Hooks are per thread and every event loop swaps its own in for as long as it runs
+(``run_forever`` calls ``sys.set_asyncgen_hooks(loop hooks)`` and restores the previous ones
+on exit; asyncio and uvloop both look ``sys.set_asyncgen_hooks`` up at call time). Hooks set
+once at install would be bypassed by every loop, and replacing the loop's hooks would break
+``loop.shutdown_asyncgens()``. So asyncdiag wraps ``sys.set_asyncgen_hooks`` and
+``sys.get_asyncgen_hooks``: whoever sets hooks (a loop, the application, trio, another
+library) gets a :class:`_Chain` installed in their place, whose hooks do asyncdiag's
+bookkeeping and then call theirs; ``get`` answers what the caller set, so save/restore pairs
+keep working and uninstall restores only what is still ours (the same chaining trio does for
+foreign generators in ``trio/_core/_asyncgens.py``). A loop that set its hooks through a
+reference it cached before install is re-chained at the start of its run (``on_run``).
+
+Per generator, the first-iteration hook records the code object and instruction offset of the
+first frame outside asyncio/contextlib/asyncdiag (the ``async for`` line; the line number is
+computed only if a finding is made) and the name of the current task, in a dict keyed by
+``id(agen)`` that holds a weak reference to the generator (no callback). Entries are not
+removed at the generator's death: CPython clears weak references (running their callbacks)
+*before* it calls the finalizer, which still needs the entry; and generators die at a few
+reused addresses, so the next generator's entry usually overwrites the dead one's. What is left
+is pruned in bulk, by a C-level pass (no Python frame per entry), once the dict has doubled
+since the last prune and on a periodic tick on each running loop, which also publishes
+``asyncdiag.asyncgen.active`` (one telemetry call per tick, not two per generator).
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import asyncio
+import asyncio.base_events
+import contextlib
+import logging
+import os
+import sys
+import threading
+import time
+import types
+import weakref
+from collections import deque
+from collections.abc import Callable
+from itertools import compress, repeat
+from operator import itemgetter, methodcaller, not_
+from types import AsyncGeneratorType, CodeType, FrameType
+from typing import TYPE_CHECKING, Any
+
+import wrapt
+from opentelemetry import trace
+
+from . import _findings, _names, _safety
+from ._patching import Patcher
 
 if TYPE_CHECKING:
     from ._lifecycle import Agent
+
+logger = logging.getLogger("asyncdiag")
+
+AnyAsyncGen = AsyncGeneratorType[Any, Any]
+Hook = Callable[[AnyAsyncGen], object]
+
+# Entries of dead generators are pruned when the registry has doubled since the last prune
+# (amortised O(1) per generator), never below this size, and on the periodic tick.
+_MIN_PRUNE = 1024
+_TICK_SECONDS = 2.0
+
+_HERE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_ASYNCIO_DIR = os.path.dirname(os.path.abspath(asyncio.__file__)) + os.sep
+_CONTEXTLIB_FILE = os.path.abspath(contextlib.__file__)
+
+_get_running_loop = asyncio.events._get_running_loop
+# 3.12+ has a C current_task; before, asyncio.current_task is Python around this C dict.
+_current_task: Callable[[Any], Any] = (
+    asyncio.current_task
+    if isinstance(asyncio.current_task, types.BuiltinFunctionType)
+    else asyncio.tasks._current_tasks.get  # type: ignore[attr-defined]
+)
+_getframe = sys._getframe
+_ref = weakref.ref
+_ref_of = itemgetter(0)
+_call = methodcaller("__call__")
+# Stands for an entry another thread removed meanwhile: its reference is dead.
+_GONE = (weakref.ref(type("_Gone", (), {})()),)
+
+
+def _is_infrastructure(filename: str) -> bool:
+    """Frames of asyncio, contextlib and asyncdiag are not where the program iterated: an
+    ``@asynccontextmanager`` generator is first iterated inside contextlib, on behalf of the
+    user's ``async with`` line."""
+    path = os.path.abspath(filename) if filename[:1] not in ("<", "") else filename
+    return path.startswith((_ASYNCIO_DIR, _HERE)) or path == _CONTEXTLIB_FILE
+
+
+if sys.version_info >= (3, 12):
+
+    def _started(agen: AnyAsyncGen) -> bool:
+        """True if the generator's frame ran (is suspended); only asked of unfinished ones."""
+        return bool(agen.ag_suspended)  # type: ignore[attr-defined]
+
+elif sys.version_info >= (3, 11):
+    import dis
+
+    _RETURN_GENERATOR = dis.opmap["RETURN_GENERATOR"]
+
+    def _started(agen: AnyAsyncGen) -> bool:
+        # A created frame's last instruction is the RETURN_GENERATOR that made it.
+        frame = agen.ag_frame
+        if frame is None:
+            return False
+        lasti = frame.f_lasti
+        return lasti >= 0 and agen.ag_code.co_code[lasti] != _RETURN_GENERATOR
+
+else:
+
+    def _started(agen: AnyAsyncGen) -> bool:
+        frame = agen.ag_frame
+        return frame is not None and frame.f_lasti != -1
+
+
+def _line_of(code: CodeType, lasti: int) -> int:
+    """The source line of the instruction at byte offset ``lasti`` (``frame.f_lineno`` costs
+    a line-table walk on every first iteration; this is paid only when a finding is made)."""
+    for start, end, line in code.co_lines():
+        if start <= lasti < end and line is not None:
+            return line
+    return code.co_firstlineno
+
+
+# A hot orphaning site repeats the same (code, offset) and the same generator function:
+# their text is computed once. Bounded: cleared when full (code objects are kept alive).
+_TEXT_CACHE_SIZE = 2048
+_locations: dict[tuple[CodeType, int], str] = {}
+_subjects: dict[CodeType, tuple[str, str]] = {}
+
+
+def _location(code: CodeType | None, lasti: int) -> str | None:
+    if code is None:
+        return None
+    key = (code, lasti)
+    text = _locations.get(key)
+    if text is None:
+        if len(_locations) >= _TEXT_CACHE_SIZE:
+            _locations.clear()
+        text = _locations[key] = f"{code.co_filename}:{_line_of(code, lasti)}"
+    return text
+
+
+def _subject(agen: AnyAsyncGen) -> tuple[str, str]:
+    """The generator function's qualified name, and where it is defined."""
+    code = agen.ag_code
+    found = _subjects.get(code)
+    if found is None:
+        if len(_subjects) >= _TEXT_CACHE_SIZE:
+            _subjects.clear()
+        found = _subjects[code] = (
+            agen.__qualname__, f"{code.co_filename}:{code.co_firstlineno}"
+        )
+    return found
+
+
+# Registry entry, keyed by ``id(agen)``: (weak reference to the generator, chain it was first
+# iterated under, code and byte offset of the iterating frame, task name). A tuple: the
+# cheapest record to build once per generator.
+Entry = tuple["weakref.ref[AnyAsyncGen]", "_Chain", "CodeType | None", int, "str | None"]
+
+
+class _Chain:
+    """One pair of hooks somebody set, with asyncdiag's bookkeeping in front of them.
+
+    Installed as the thread's hooks (``firstiter=chain.firstiter, finalizer=chain.finalizer``)
+    in place of ``(first, fin)``. A generator keeps the finalizer it captured at first
+    iteration, so a chain lives as long as the generators first iterated under it, exactly as
+    the wrapped hooks would have; after uninstall it only passes calls through.
+    """
+
+    __slots__ = ("__weakref__", "fin", "first", "loop", "tracker")
+
+    def __init__(self, tracker: AsyncgenTracker, first: Hook | None, fin: Hook) -> None:
+        self.tracker = tracker
+        self.first = first
+        self.fin = fin
+        # The loop whose shutdown_asyncgens() will close generators first iterated under this
+        # chain: the one whose firstiter hook we call.
+        owner = getattr(first, "__self__", None)
+        self.loop = owner if isinstance(owner, asyncio.AbstractEventLoop) else None
+
+    def firstiter(self, agen: AnyAsyncGen) -> None:
+        tracker = self.tracker
+        if tracker.enabled:
+            # Inlined, not a method call: this runs once for every generator of the program.
+            try:
+                try:
+                    frame: FrameType | None = _getframe(1)
+                except ValueError:  # iterated from C code with no Python frame at all
+                    frame = None
+                if frame is not None:
+                    code: CodeType | None = frame.f_code
+                    if tracker.skip_cache.get(code.co_filename) is False:  # type: ignore[union-attr]
+                        lasti = frame.f_lasti
+                    else:
+                        code, lasti = tracker.locate(frame)
+                else:
+                    code, lasti = None, -1
+                # The loop whose hooks these are is the running one (asking asyncio for the
+                # running loop costs more than all the rest here on 3.10/3.11).
+                loop = self.loop
+                if loop is None:
+                    loop = _get_running_loop()
+                task = _current_task(loop) if loop is not None else None
+                registry = tracker.registry
+                registry[id(agen)] = (
+                    _ref(agen), self, code, lasti,
+                    task.get_name() if task is not None else None,
+                )
+                if len(registry) >= tracker.prune_at:
+                    tracker.prune()
+            except Exception as exc:
+                tracker.failed(exc)
+        # Exactly the call the thread would have made without asyncdiag; whatever it raises
+        # reaches the iterating code as it would have.
+        first = self.first
+        if first is not None:
+            first(agen)
+
+    def finalizer(self, agen: AnyAsyncGen) -> None:
+        tracker = self.tracker
+        if tracker.enabled:
+            try:
+                tracker.collected_unfinished(agen)
+            except Exception as exc:
+                tracker.failed(exc)
+        self.fin(agen)
+
+
+def _chain_of(hook: object) -> _Chain | None:
+    owner = getattr(hook, "__self__", None)
+    return owner if type(owner) is _Chain else None
 
 
 class AsyncgenTracker:
     name = "asyncgen tracker"
 
+    def __init__(self) -> None:
+        # ``active``: the sys wrappers chain and unwrap hooks (from start to stop);
+        # ``enabled``: generators are tracked (off after stop, or after an internal failure).
+        self.active = False
+        self.enabled = False
+        self.registry: dict[int, Entry] = {}
+        self.prune_at = _MIN_PRUNE
+        self.skip_cache: dict[str, bool] = {}
+        self._agent: Agent | None = None
+        self._patcher = Patcher()
+        self._lock = threading.RLock()
+        self._orig_get: Callable[[], Any] = sys.get_asyncgen_hooks
+        self._orig_set: Callable[..., None] = sys.set_asyncgen_hooks
+        self._hooks_type: Callable[[tuple[Any, Any]], Any] = type(sys.get_asyncgen_hooks())
+        self._patched_owners: set[type] = set()
+        self._ticking: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
+        self._reported_active = 0
+        self._last_prune = 0.0
+
+    # -- component ----------------------------------------------------------------------
     def start(self, agent: Agent) -> None:
-        pass
+        self._agent = agent
+        self._orig_get = sys.get_asyncgen_hooks
+        self._orig_set = sys.set_asyncgen_hooks
+        self._hooks_type = type(self._orig_get())
+        self.active = self.enabled = True
+        self._patcher.set(sys, "set_asyncgen_hooks", self._make_set())
+        self._patcher.set(sys, "get_asyncgen_hooks", self._make_get())
+        # The installing thread may already have hooks (a running loop, the application's):
+        # chain them now rather than at their next set.
+        self._rechain()
+        agent.loops.subscribe(on_loop=self._on_loop, on_run=self._on_run)
 
     def stop(self) -> None:
-        pass
+        with self._lock:
+            self.enabled = False
+            agent, self._agent = self._agent, None
+            try:
+                if agent is not None:
+                    agent.loops.unsubscribe(on_loop=self._on_loop, on_run=self._on_run)
+                # Only this thread's hooks can be restored; chains left in other threads
+                # pass calls through until those threads set their hooks again (every loop
+                # does when its run ends).
+                raw = self._orig_get()
+                theirs = self._unwrap(raw)
+                if theirs is not raw:
+                    self._orig_set(theirs.firstiter, theirs.finalizer)
+            finally:
+                self.active = False
+                self._patcher.restore_all()
+                self._patched_owners.clear()
+                self._reset_registry()
+                self._ticking = weakref.WeakSet()
+                if agent is not None and self._reported_active:
+                    # The up-down counter goes back to where install found it.
+                    self._add_active(agent, -self._reported_active)
+                self._reported_active = 0
+
+    # -- hook plumbing ------------------------------------------------------------------
+    def _unwrap(self, raw: Any) -> Any:
+        """The hooks as whoever set them sees them: our chains replaced by what they wrap."""
+        first_chain = _chain_of(raw.firstiter)
+        fin_chain = _chain_of(raw.finalizer)
+        if first_chain is None and fin_chain is None:
+            return raw
+        first = first_chain.first if first_chain is not None else raw.firstiter
+        fin = fin_chain.fin if fin_chain is not None else raw.finalizer
+        return self._hooks_type((first, fin))
+
+    def _install(self, first: Hook | None, fin: Hook | None) -> None:
+        """Make ``(first, fin)`` this thread's hooks, behind a chain when there is a finalizer.
+
+        Without a finalizer CPython closes a collected generator itself, synchronously;
+        installing ours would change that, so such hooks are set as they are (and their
+        generators are not tracked: no loop runs them).
+        """
+        if fin is None or not self.enabled:
+            self._orig_set(firstiter=first, finalizer=fin)
+            return
+        chain = _Chain(self, first, fin)
+        if chain.loop is not None:
+            # Here rather than only on loop discovery: a loop made by a factory looked up
+            # before install is never announced, but it always sets its hooks.
+            self._patch_shutdown(type(chain.loop))
+            self._start_tick(chain.loop)
+        self._orig_set(firstiter=chain.firstiter, finalizer=chain.finalizer)
+
+    def _rechain(self) -> None:
+        """Put this thread's current hooks behind a chain of ours unless they already are."""
+        raw = self._orig_get()
+        first_chain = _chain_of(raw.firstiter)
+        fin_chain = _chain_of(raw.finalizer)
+        if (first_chain is not None and first_chain is fin_chain
+                and first_chain.tracker is self):
+            return
+        if raw.finalizer is None and first_chain is None:
+            return
+        theirs = self._unwrap(raw)
+        self._install(theirs.firstiter, theirs.finalizer)
+
+    def _make_get(self) -> Callable[[], Any]:
+        orig_get = self._orig_get
+
+        def get_asyncgen_hooks() -> Any:
+            hooks = orig_get()
+            if not self.active:
+                return hooks
+            try:
+                return self._unwrap(hooks)
+            except Exception as exc:
+                self.failed(exc)
+                return hooks
+
+        get_asyncgen_hooks.__doc__ = orig_get.__doc__
+        return get_asyncgen_hooks
+
+    def _make_set(self) -> Callable[..., None]:
+        orig_set = self._orig_set
+        orig_get = self._orig_get
+
+        def set_asyncgen_hooks(*args: Any, **kwargs: Any) -> None:
+            if not self.active:
+                return orig_set(*args, **kwargs)
+            try:
+                before = self._unwrap(orig_get())
+            except Exception as exc:
+                self.failed(exc)
+                return orig_set(*args, **kwargs)
+            # The original validates the arguments and raises exactly its own errors; what it
+            # installed is then put behind a chain.
+            orig_set(*args, **kwargs)
+            try:
+                raw = orig_get()
+                given_first = len(args) > 0 or "firstiter" in kwargs
+                given_fin = len(args) > 1 or "finalizer" in kwargs
+                first = raw.firstiter if given_first else before.firstiter
+                fin = raw.finalizer if given_fin else before.finalizer
+                self._install(first, fin)
+            except Exception as exc:
+                self.failed(exc)
+            return None
+
+        set_asyncgen_hooks.__doc__ = orig_set.__doc__
+        return set_asyncgen_hooks
+
+    # -- loops --------------------------------------------------------------------------
+    def _on_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._patch_shutdown(type(loop))
+
+    def _on_run(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Inside the loop thread, at the start of a run: chain hooks the loop set through a
+        cached ``sys.set_asyncgen_hooks`` (bypassing our wrapper), and keep the tick going."""
+        if not self.enabled:
+            return
+        self._rechain()
+        self._start_tick(loop)
+
+    def _start_tick(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Prune and publish the active count every few seconds while ``loop`` runs, so the
+        metric follows generators that end while no new one starts. Called in the loop's
+        thread (from its run, or from the hooks it sets as its run starts)."""
+        if loop in self._ticking or loop.is_closed():
+            return
+        self._ticking.add(loop)
+        loop.call_later(_TICK_SECONDS, self._tick, loop)
+
+    def _tick(self, loop: asyncio.AbstractEventLoop) -> None:
+        if not self.enabled or loop not in self._ticking:
+            return
+        try:
+            if time.monotonic() - self._last_prune >= _TICK_SECONDS / 2:
+                self.prune()
+        except Exception as exc:
+            self.failed(exc)
+            return
+        if not loop.is_closed():
+            loop.call_later(_TICK_SECONDS, self._tick, loop)
+
+    def _patch_shutdown(self, loop_type: type) -> None:
+        """Wrap ``shutdown_asyncgens`` where the loop class defines it (a Python class), or on
+        the loop's own class when it is inherited from an extension type (uvloop)."""
+        with self._lock:
+            if not self.enabled:
+                return
+            owner: type | None = None
+            for klass in loop_type.__mro__:
+                if "shutdown_asyncgens" in vars(klass):
+                    owner = klass
+                    break
+            if owner is None:
+                return
+            if not owner.__flags__ & (1 << 9):  # Py_TPFLAGS_HEAPTYPE: C types are read-only
+                owner = loop_type
+                if not owner.__flags__ & (1 << 9):
+                    return
+            if owner in self._patched_owners:
+                return
+            original = owner.shutdown_asyncgens  # type: ignore[attr-defined]
+            wrapper = wrapt.FunctionWrapper(original, self._wrap_shutdown)
+            self._patcher.set(owner, "shutdown_asyncgens", wrapper)
+            self._patched_owners.add(owner)
+
+    def _wrap_shutdown(
+        self, wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any
+    ) -> Any:
+        if self.enabled and instance is not None:
+            try:
+                self._report_alive_at_shutdown(instance)
+            except Exception as exc:
+                self.failed(exc)
+        return wrapped(*args, **kwargs)
+
+    # -- bookkeeping ----------------------------------------------------------------------
+    def failed(self, exc: BaseException) -> None:
+        """An internal error: tracking stops for good (hooks keep chaining, so the program
+        and the loop's own hooks are unaffected), logged once."""
+        self.enabled = False
+        _safety.hook_failed(self.name, exc)
+
+    def _reset_registry(self) -> None:
+        self.registry = {}
+        self.prune_at = _MIN_PRUNE
+
+    def locate(self, frame: FrameType) -> tuple[CodeType, int]:
+        """The first frame that is the program's, not asyncio's, contextlib's or ours (the
+        slow path: a file seen for the first time, or iteration driven by such a frame)."""
+        skip = self.skip_cache
+        walk: FrameType | None = frame
+        while walk is not None:
+            filename = walk.f_code.co_filename
+            infra = skip.get(filename)
+            if infra is None:
+                infra = skip[filename] = _is_infrastructure(filename)
+            if not infra:
+                return walk.f_code, walk.f_lasti
+            walk = walk.f_back
+        return frame.f_code, frame.f_lasti
+
+    def prune(self) -> None:
+        """Drop the entries of collected generators, resize, publish the active count."""
+        registry = self.registry
+        # One C-level pass, no Python frame per entry: pop the keys whose generator is gone
+        # or finished (dead reference -> None; finished generator -> ag_frame None). Each
+        # entry is read and popped inside the same C loop, where no other thread runs, so a
+        # key just re-registered for a new generator at the same address is never lost.
+        keys = list(registry)
+        deque(
+            map(
+                registry.pop,
+                compress(keys, map(not_, map(getattr, map(_call, map(_ref_of, map(
+                    registry.get, keys, repeat(_GONE)))), repeat("ag_frame"), repeat(None)))),
+                repeat(None),
+            ),
+            maxlen=0,
+        )
+        live = len(registry)
+        self.prune_at = max(2 * live, _MIN_PRUNE)
+        self._last_prune = time.monotonic()
+        self._publish_active(live)
+
+    def _publish_active(self, live: int) -> None:
+        agent = self._agent
+        delta = live - self._reported_active
+        if agent is None or not delta:
+            return
+        self._reported_active = live
+        self._add_active(agent, delta)
+
+    @staticmethod
+    def _add_active(agent: Agent, delta: int) -> None:
+        try:
+            agent.telemetry.asyncgen_active(delta)
+        except Exception as exc:
+            _safety.hook_failed("asyncgen active metric", exc)
+
+    def collected_unfinished(self, agen: AnyAsyncGen) -> None:
+        """The finalizer hook: ``agen`` is being collected, not exhausted and not closed."""
+        entry = self.registry.pop(id(agen), None)
+        if entry is None or not _started(agen):
+            # Untracked (first iterated before install), or only an ``__anext__()`` /
+            # ``aclose()`` awaitable was made and dropped: the body never ran.
+            return
+        _, _, code, lasti, task = entry
+        subject, defined = _subject(agen)
+        _findings.report(
+            _names.ORPHANED_ASYNCGEN,
+            f"async generator {subject} (defined at {defined}) was garbage-collected "
+            "before it finished and was never closed, so its cleanup (finally blocks, async "
+            "with exits) runs late, outside the task that used it, or never; close it with "
+            "aclose() or iterate it under contextlib.aclosing()",
+            subject,
+            location=_location(code, lasti),
+            task=task,
+            span=_no_span(),
+        )
+
+    def _report_alive_at_shutdown(self, loop: asyncio.AbstractEventLoop) -> None:
+        """``loop.shutdown_asyncgens()`` is about to close whatever the program left open."""
+        registry = self.registry
+        for key, entry in list(registry.items()):
+            if entry[1].loop is not loop:
+                continue
+            agen = entry[0]()
+            if agen is None or agen.ag_frame is None:
+                continue
+            # A generator still inside __anext__ is being iterated by a pending task (aclose
+            # will fail on it); a created one never ran: neither was left open by the program.
+            if agen.ag_running or not _started(agen):
+                continue
+            if registry.pop(key, None) is None:
+                continue
+            _, _, code, lasti, task = entry
+            subject, defined = _subject(agen)
+            _findings.report(
+                _names.ORPHANED_ASYNCGEN,
+                f"async generator {subject} (defined at {defined}) was still open "
+                "when the event loop shut down: it was closed by loop.shutdown_asyncgens(), "
+                "not by the program, so its cleanup ran late, outside the task that used it; "
+                "close it with aclose() or iterate it under contextlib.aclosing()",
+                subject,
+                location=_location(code, lasti),
+                task=task,
+                span=_no_span(),
+            )
+
+
+def _no_span() -> Any:
+    # Findings made by the garbage collector or at loop shutdown belong to no request: the
+    # span current at that moment is unrelated, so the finding is not attached to it.
+    return trace.INVALID_SPAN

@@ -1,0 +1,666 @@
+"""Orphaned async generators (issue 4): findings, non-findings, hook chaining, shutdown.
+
+Every test runs a real loop (asyncio and uvloop via ``loop_factory``); the autouse fixture in
+conftest fails a test that leaves ``sys.get_asyncgen_hooks()`` (or anything else) changed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import inspect
+import logging
+import sys
+import threading
+import warnings
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+
+import asyncdiag
+from _support import run_on
+from asyncdiag import _lifecycle, _names
+from asyncdiag._asyncgens import AsyncgenTracker
+
+LoopFactory = Callable[[], asyncio.AbstractEventLoop]
+
+KIND = _names.ORPHANED_ASYNCGEN
+
+
+def here() -> int:
+    """The line number of the caller (so expected locations stay right when lines move)."""
+    frame = inspect.currentframe()
+    assert frame is not None and frame.f_back is not None
+    return frame.f_back.f_lineno
+
+
+def orphans() -> list[asyncdiag.Finding]:
+    gc.collect()
+    return [f for f in asyncdiag.findings() if f.kind == KIND]
+
+
+def tracker() -> AsyncgenTracker:
+    agent = _lifecycle.current()
+    assert agent is not None
+    component = agent.component("asyncgen tracker")
+    assert isinstance(component, AsyncgenTracker)
+    return component
+
+
+cleanups: list[str] = []
+
+
+async def numbers(n: int = 3) -> AsyncIterator[int]:
+    try:
+        for i in range(n):
+            await asyncio.sleep(0)
+            yield i
+    finally:
+        cleanups.append("numbers")
+
+
+@pytest.fixture(autouse=True)
+def _fresh() -> None:
+    cleanups.clear()
+
+
+# -- positive cases -------------------------------------------------------------------------
+
+
+def test_break_out_of_async_for_is_reported_with_line_and_task(loop_factory: LoopFactory) -> None:
+    asyncdiag.install(exporter="none")
+    lines: list[int] = []
+
+    async def consume() -> None:
+        lines.append(here() + 1)
+        async for value in numbers():
+            if value == 1:
+                break
+
+    async def main() -> None:
+        await asyncio.create_task(consume(), name="consumer-7")
+
+    run_on(loop_factory, main())
+    [finding] = orphans()
+    assert finding.subject == "numbers"
+    assert finding.location == f"{__file__}:{lines[0]}"
+    assert finding.task == "consumer-7"
+    assert "garbage-collected" in finding.message and "never closed" in finding.message
+    assert f"{__file__}:" in finding.message  # where the generator function is defined
+    assert finding.count == 1
+    # The loop's own finalizer hook still ran: it closed the generator.
+    assert cleanups == ["numbers"]
+
+
+def test_first_anext_call_site_is_the_location(loop_factory: LoopFactory) -> None:
+    asyncdiag.install(exporter="none")
+    lines: list[int] = []
+
+    async def main() -> None:
+        agen = numbers()
+        lines.append(here() + 1)
+        assert await agen.__anext__() == 0
+        assert await agen.__anext__() == 1
+        del agen
+
+    run_on(loop_factory, main())
+    [finding] = orphans()
+    assert finding.location == f"{__file__}:{lines[0]}"
+
+
+def test_orphan_in_a_reference_cycle_is_reported_when_collected(
+    loop_factory: LoopFactory,
+) -> None:
+    asyncdiag.install(exporter="none")
+    lines: list[int] = []
+
+    class Holder:
+        pass
+
+    async def main() -> None:
+        holder = Holder()
+        holder.self = holder  # type: ignore[attr-defined]
+        holder.agen = numbers()  # type: ignore[attr-defined]
+        lines.append(here() + 1)
+        await anext(holder.agen)  # type: ignore[attr-defined]
+        del holder
+        assert not orphans() or True  # collected below, while the loop still runs
+        gc.collect()
+        await asyncio.sleep(0)
+
+    run_on(loop_factory, main())
+    [finding] = orphans()
+    assert finding.location == f"{__file__}:{lines[0]}"
+    assert cleanups == ["numbers"]
+
+
+def test_asynccontextmanager_points_at_the_async_with_line(loop_factory: LoopFactory) -> None:
+    asyncdiag.install(exporter="none")
+    lines: list[int] = []
+
+    @contextlib.asynccontextmanager
+    async def resource() -> AsyncIterator[str]:
+        try:
+            yield "r"
+        finally:
+            cleanups.append("resource")
+
+    async def main() -> None:
+        manager = resource()
+        lines.append(here() + 1)
+        assert await manager.__aenter__() == "r"
+        del manager  # entered, never exited: its generator is orphaned
+
+    run_on(loop_factory, main())
+    [finding] = orphans()
+    assert finding.subject.endswith("resource")
+    # contextlib's own frame (which calls anext) is skipped: the program's line is shown.
+    assert finding.location == f"{__file__}:{lines[0]}"
+
+
+def test_repeats_fold_into_one_finding(loop_factory: LoopFactory) -> None:
+    asyncdiag.install(exporter="none")
+
+    async def main() -> None:
+        for _ in range(5):
+            async for _value in numbers():
+                break
+
+    run_on(loop_factory, main())
+    [finding] = orphans()
+    assert finding.count == 5
+    assert cleanups == ["numbers"] * 5
+
+
+def test_still_open_at_loop_shutdown_is_reported_and_still_closed(
+    loop_factory: LoopFactory,
+) -> None:
+    asyncdiag.install(exporter="none")
+    kept: list[Any] = []
+    lines: list[int] = []
+
+    async def main() -> None:
+        agen = numbers()
+        lines.append(here() + 1)
+        await agen.__anext__()
+        kept.append(agen)  # alive until the loop shuts down
+
+    run_on(loop_factory, main())  # runs loop.shutdown_asyncgens()
+    # shutdown_asyncgens still closed it (the loop's hooks were chained, not replaced).
+    assert cleanups == ["numbers"]
+    assert kept[0].ag_frame is None
+    [finding] = orphans()
+    assert "shut down" in finding.message and "shutdown_asyncgens" in finding.message
+    assert finding.location == f"{__file__}:{lines[0]}"
+    kept.clear()
+    assert len(orphans()) == 1  # closed by shutdown: not reported a second time
+
+
+def test_asyncio_run_reports_generators_left_open(loop_factory: LoopFactory) -> None:
+    if sys.version_info < (3, 11):
+        pytest.skip("asyncio.Runner(loop_factory=...) needs 3.11")
+    asyncdiag.install(exporter="none")
+    kept: list[Any] = []
+
+    async def main() -> None:
+        agen = numbers()
+        await agen.__anext__()
+        kept.append(agen)
+
+    with asyncio.Runner(loop_factory=loop_factory) as runner:  # type: ignore[attr-defined]
+        runner.run(main())
+    assert cleanups == ["numbers"]
+    assert [f.location is not None for f in orphans()] == [True]
+
+
+# -- negative cases -------------------------------------------------------------------------
+
+
+def test_no_finding_for_closed_exhausted_or_never_started(loop_factory: LoopFactory) -> None:
+    asyncdiag.install(exporter="none")
+
+    async def main() -> None:
+        async for _ in numbers():  # exhausted
+            pass
+        agen = numbers()
+        await agen.__anext__()
+        await agen.aclose()  # closed explicitly
+        del agen
+        async with contextlib.aclosing(numbers()) as closing:  # closed by aclosing
+            async for _ in closing:
+                break
+        never = numbers()  # created, never iterated
+        del never
+        unstarted = numbers()
+        await unstarted.aclose()  # closed before it started
+        del unstarted
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            made = numbers()
+            made.__anext__()  # an awaitable made and dropped: the body never ran
+            del made
+            gc.collect()
+
+        async def raises() -> AsyncIterator[int]:
+            yield 1
+            raise ValueError("boom")
+
+        with contextlib.suppress(ValueError):
+            async for _ in raises():  # finished by an exception
+                pass
+        gc.collect()
+
+    run_on(loop_factory, main())
+    assert orphans() == []
+    assert cleanups.count("numbers") == 3  # the started ones; the others never entered try
+
+
+def test_generator_closed_by_the_program_before_shutdown_is_not_reported(
+    loop_factory: LoopFactory,
+) -> None:
+    asyncdiag.install(exporter="none")
+    kept: list[Any] = []
+
+    async def main() -> None:
+        agen = numbers()
+        await agen.__anext__()
+        kept.append(agen)
+        await agen.aclose()
+
+    run_on(loop_factory, main())
+    assert orphans() == []
+    kept.clear()
+    assert orphans() == []
+
+
+def test_nothing_reported_after_uninstall(loop_factory: LoopFactory) -> None:
+    asyncdiag.install(exporter="none")
+    kept: list[Any] = []
+
+    async def main() -> None:
+        agen = numbers()
+        await agen.__anext__()
+        kept.append(agen)
+
+    loop = loop_factory()
+    try:
+        loop.run_until_complete(main())
+        asyncdiag.uninstall()
+        kept.clear()  # orphaned after uninstall: the generator still holds our finalizer
+        gc.collect()
+        loop.run_until_complete(asyncio.sleep(0))
+    finally:
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
+    assert orphans() == []
+    assert cleanups == ["numbers"]  # ...which passed the call on to the loop's
+
+
+def test_disabled_by_configuration(loop_factory: LoopFactory) -> None:
+    asyncdiag.install(exporter="none", track_asyncgens=False)
+    assert _lifecycle.current() is not None
+    assert _lifecycle.current().component("asyncgen tracker") is None  # type: ignore[union-attr]
+
+    async def main() -> None:
+        async for _ in numbers():
+            break
+
+    run_on(loop_factory, main())
+    assert orphans() == []
+
+
+# -- chaining with hooks set by others ---------------------------------------------------------
+
+
+class UserHooks:
+    """Hooks an application or library installs itself (trio-style)."""
+
+    def __init__(self) -> None:
+        self.first: list[str] = []
+        self.final: list[str] = []
+
+    def firstiter(self, agen: Any) -> None:
+        self.first.append(agen.__qualname__)
+
+    def finalizer(self, agen: Any) -> None:
+        self.final.append(agen.__qualname__)
+        # What CPython does when there is no finalizer: close it synchronously.
+        with contextlib.suppress(StopIteration, RuntimeError):
+            agen.aclose().send(None)
+
+
+def drive(awaitable: Any) -> Any:
+    """Run an awaitable that never really suspends, without any event loop."""
+    try:
+        awaitable.send(None)
+    except StopIteration as stop:
+        return stop.value
+    raise AssertionError("suspended")
+
+
+async def plain(n: int = 2) -> AsyncIterator[int]:
+    try:
+        for i in range(n):
+            yield i
+    finally:
+        cleanups.append("plain")
+
+
+@pytest.mark.parametrize("when", ["before install", "after install"])
+def test_user_hooks_are_called_and_restored(when: str, loop_factory: LoopFactory) -> None:
+    saved = sys.get_asyncgen_hooks()
+    hooks = UserHooks()
+    try:
+        if when == "before install":
+            sys.set_asyncgen_hooks(hooks.firstiter, hooks.finalizer)
+            asyncdiag.install(exporter="none")
+        else:
+            asyncdiag.install(exporter="none")
+            sys.set_asyncgen_hooks(firstiter=hooks.firstiter, finalizer=hooks.finalizer)
+        # Whoever asks sees what was set, not asyncdiag's chain.
+        assert tuple(sys.get_asyncgen_hooks()) == (hooks.firstiter, hooks.finalizer)
+
+        # Outside any loop the user's hooks are the thread's hooks: called, and tracked.
+        agen = plain()
+        line = here() + 1
+        assert drive(agen.__anext__()) == 0
+        del agen
+        assert hooks.first == ["plain"] and hooks.final == ["plain"]
+        assert cleanups == ["plain"]
+        [finding] = orphans()
+        assert finding.location == f"{__file__}:{line}" and finding.task is None
+
+        # A loop swaps its own hooks in for its run and gives the user's back afterwards.
+        async def main() -> None:
+            assert sys.get_asyncgen_hooks().firstiter != hooks.firstiter
+            async for _ in numbers():
+                break
+
+        run_on(loop_factory, main())
+        assert tuple(sys.get_asyncgen_hooks()) == (hooks.firstiter, hooks.finalizer)
+        assert hooks.first == ["plain"]  # the loop's hooks, not the user's, ran inside it
+        assert cleanups == ["plain", "numbers"]
+        assert len(orphans()) == 2
+
+        asyncdiag.uninstall()
+        # Still in place, as the raw interpreter state, after uninstall.
+        assert tuple(sys.get_asyncgen_hooks()) == (hooks.firstiter, hooks.finalizer)
+        agen = plain()
+        drive(agen.__anext__())
+        del agen
+        assert hooks.final == ["plain", "plain"]
+    finally:
+        asyncdiag.uninstall()
+        sys.set_asyncgen_hooks(*saved)
+
+
+def test_hooks_wrapping_the_loops_hooks_inside_a_run(loop_factory: LoopFactory) -> None:
+    """A library that chains to the running loop's hooks itself (saves get(), sets its own,
+    calls the saved ones, restores them) keeps working, and so does the loop."""
+    asyncdiag.install(exporter="none")
+    calls: list[str] = []
+
+    async def main() -> None:
+        loop_hooks = sys.get_asyncgen_hooks()
+        assert getattr(loop_hooks.firstiter, "__self__", None) is asyncio.get_running_loop()
+
+        def firstiter(agen: Any) -> None:
+            calls.append("first")
+            loop_hooks.firstiter(agen)
+
+        def finalizer(agen: Any) -> None:
+            calls.append("final")
+            loop_hooks.finalizer(agen)
+
+        sys.set_asyncgen_hooks(firstiter, finalizer)
+        try:
+            async for _ in numbers():
+                break
+            await asyncio.sleep(0)  # the loop's finalizer scheduled aclose(): let it run
+            await asyncio.sleep(0)
+        finally:
+            sys.set_asyncgen_hooks(*loop_hooks)
+        assert tuple(sys.get_asyncgen_hooks()) == tuple(loop_hooks)
+
+    run_on(loop_factory, main())
+    assert calls == ["first", "final"]
+    assert cleanups == ["numbers"]
+    assert len(orphans()) == 1
+
+
+def test_set_validates_arguments_like_the_original() -> None:
+    asyncdiag.install(exporter="none")
+    before = sys.get_asyncgen_hooks()
+    with pytest.raises(TypeError) as ours:
+        sys.set_asyncgen_hooks(firstiter=42)  # type: ignore[arg-type]
+    asyncdiag.uninstall()
+    with pytest.raises(TypeError) as theirs:
+        sys.set_asyncgen_hooks(firstiter=42)  # type: ignore[arg-type]
+    assert str(ours.value) == str(theirs.value)
+    assert sys.get_asyncgen_hooks() == before
+
+
+def test_partial_set_keeps_the_other_hook() -> None:
+    saved = sys.get_asyncgen_hooks()
+    hooks = UserHooks()
+    try:
+        asyncdiag.install(exporter="none")
+        sys.set_asyncgen_hooks(hooks.firstiter, hooks.finalizer)
+        sys.set_asyncgen_hooks(firstiter=None)
+        assert tuple(sys.get_asyncgen_hooks()) == (None, hooks.finalizer)
+        sys.set_asyncgen_hooks(finalizer=None)
+        assert tuple(sys.get_asyncgen_hooks()) == (None, None)
+        sys.set_asyncgen_hooks(finalizer=hooks.finalizer)
+        assert tuple(sys.get_asyncgen_hooks()) == (None, hooks.finalizer)
+        asyncdiag.uninstall()
+        assert tuple(sys.get_asyncgen_hooks()) == (None, hooks.finalizer)
+    finally:
+        sys.set_asyncgen_hooks(*saved)
+
+
+def test_install_inside_a_running_loop_chains_its_hooks(loop_factory: LoopFactory) -> None:
+    async def main() -> None:
+        asyncdiag.install(exporter="none")
+        async for _ in numbers():
+            break
+        await asyncio.sleep(0)
+        asyncdiag.uninstall()  # while the loop still runs: its own hooks come back
+        hooks = sys.get_asyncgen_hooks()
+        assert getattr(hooks.firstiter, "__self__", None) is asyncio.get_running_loop()
+
+    run_on(loop_factory, main())
+    assert len(orphans()) == 1
+    assert cleanups == ["numbers"]
+
+
+def test_loop_that_set_its_hooks_through_a_cached_reference_is_rechained() -> None:
+    """uvloop or another loop could cache ``sys.set_asyncgen_hooks`` at import; the
+    loop-run subscription re-chains such hooks when the run starts."""
+    cached_set = sys.set_asyncgen_hooks
+    loop = asyncio.SelectorEventLoop()  # constructed directly: not announced at creation
+    asyncdiag.install(exporter="none")
+
+    async def main() -> None:
+        running = asyncio.get_running_loop()
+        # Simulate the bypass: the loop's hooks set raw, asyncdiag's chain gone.
+        cached_set(running._asyncgen_firstiter_hook,  # type: ignore[attr-defined]
+                   running._asyncgen_finalizer_hook)  # type: ignore[attr-defined]
+        for _ in range(3):  # the run announcement is queued behind this first step
+            await asyncio.sleep(0)
+        async for _ in numbers():
+            break
+
+    try:
+        loop.run_until_complete(main())
+        loop.run_until_complete(loop.shutdown_asyncgens())
+    finally:
+        loop.close()
+    assert len(orphans()) == 1
+
+
+def test_generators_in_another_threads_loop_are_tracked(loop_factory: LoopFactory) -> None:
+    asyncdiag.install(exporter="none")
+    errors: list[BaseException] = []
+
+    async def main() -> None:
+        async for _ in numbers():
+            break
+
+    def thread_main() -> None:
+        try:
+            run_on(loop_factory, main())
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    thread = threading.Thread(target=thread_main)
+    thread.start()
+    thread.join(30)
+    assert not errors
+    assert len(orphans()) == 1
+    assert cleanups == ["numbers"]
+
+
+# -- robustness ------------------------------------------------------------------------------
+
+
+class ExplodingRegistry(dict):  # type: ignore[type-arg]
+    def __setitem__(self, key: object, value: object) -> None:
+        raise RuntimeError("internal failure")
+
+
+def test_internal_failure_is_logged_once_and_never_reaches_the_program(
+    loop_factory: LoopFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    asyncdiag.install(exporter="none")
+    tracker().registry = ExplodingRegistry()
+    kept: list[Any] = []
+
+    async def main() -> list[int]:
+        values = [v async for v in numbers()]
+        async for _ in numbers():
+            break
+        agen = numbers()
+        await agen.__anext__()
+        kept.append(agen)
+        return values
+
+    with caplog.at_level(logging.ERROR, logger="asyncdiag"):
+        assert run_on(loop_factory, main()) == [0, 1, 2]
+    errors = [r for r in caplog.records if "asyncgen tracker" in r.getMessage()]
+    assert len(errors) == 1
+    # The loop's hooks kept working: the orphan and the one left open were both closed.
+    assert cleanups == ["numbers"] * 3
+    assert orphans() == []
+
+
+# -- telemetry and memory ----------------------------------------------------------------------
+
+
+def test_active_counter_follows_generators(loop_factory: LoopFactory) -> None:
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    from asyncdiag import _telemetry
+
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    _telemetry.use_providers(meter_provider=provider)
+
+    def active() -> int | None:
+        data = reader.get_metrics_data()
+        for resource in data.resource_metrics if data else ():
+            for scope in resource.scope_metrics:
+                for metric in scope.metrics:
+                    if metric.name == _names.ASYNCGEN_ACTIVE.name:
+                        return sum(int(p.value) for p in metric.data.data_points)
+        return None
+
+    seen: dict[str, int | None] = {}
+    try:
+        asyncdiag.install(exporter="none")
+
+        async def main() -> None:
+            open_ones = [numbers() for _ in range(5)]
+            for agen in open_ones:
+                await agen.__anext__()
+            tracker().prune()
+            seen["open"] = active()
+            for agen in open_ones:
+                await agen.aclose()
+            async for _ in numbers():
+                pass
+            tracker().prune()
+            seen["closed"] = active()
+
+        run_on(loop_factory, main())
+        asyncdiag.uninstall()
+        seen["uninstalled"] = active()
+    finally:
+        asyncdiag.uninstall()
+        provider.shutdown()
+    assert seen["open"] == 5 and seen["closed"] == 0
+    assert seen["uninstalled"] in (0, None)  # back to zero, or no longer observed at all
+
+
+MEMORY_GENERATORS = 40_000
+WARM_UP = 8_000
+
+
+def test_memory_stays_flat_over_many_generators(loop_factory: LoopFactory) -> None:
+    """Created and dropped, orphaned or not: the registry holds no generator and is pruned.
+    ``benchmarks/bench_asyncgens_memory.py`` runs the same churn with 1,000,000 and RSS."""
+    import tracemalloc
+    from types import AsyncGeneratorType
+
+    asyncdiag.install(exporter="none")
+
+    async def one() -> AsyncIterator[int]:
+        yield 1
+        yield 2
+
+    async def churn(n: int) -> None:
+        for i in range(n):
+            agen = one()
+            await agen.__anext__()
+            if i % 4 == 0:
+                del agen  # orphaned: the loop's finalizer closes it later
+            elif i % 4 == 1:
+                await agen.aclose()
+            else:
+                async for _ in agen:
+                    pass
+            if i % 256 == 0:
+                await asyncio.sleep(0)  # let the loop run the scheduled aclose() tasks
+
+    async def main() -> tuple[int, int, int]:
+        await churn(WARM_UP)  # warm up: caches, the folded finding, interned strings
+        await asyncio.sleep(0)
+        gc.collect()
+        tracemalloc.start()
+        try:
+            before = tracemalloc.take_snapshot()
+            await churn(MEMORY_GENERATORS)
+            await asyncio.sleep(0)
+            gc.collect()
+            after = tracemalloc.take_snapshot()
+        finally:
+            tracemalloc.stop()
+        ours = [tracemalloc.Filter(True, "*asyncdiag/_asyncgens.py")]
+        growth_ours = sum(
+            d.size_diff for d in after.filter_traces(ours).compare_to(
+                before.filter_traces(ours), "filename"))
+        growth_all = sum(d.size_diff for d in after.compare_to(before, "filename"))
+        return growth_ours, growth_all, len(tracker().registry)
+
+    growth_ours, growth_all, registered = run_on(loop_factory, main())
+    [finding] = orphans()
+    assert finding.count == (WARM_UP + MEMORY_GENERATORS) // 4
+    alive = sum(1 for o in gc.get_objects() if isinstance(o, AsyncGeneratorType))
+    assert alive < 10
+    assert registered <= 2 * 1024
+    # Allocated by the tracker and still held: the registry's dict at its bounded size.
+    assert growth_ours < 64 * 1024, f"asyncdiag/_asyncgens.py grew by {growth_ours} bytes"
+    # Whole process, every component: one leaked object per generator would be megabytes.
+    assert growth_all < 1024 * 1024, f"grew by {growth_all} bytes"
