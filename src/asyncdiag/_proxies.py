@@ -669,7 +669,7 @@ class AsyncGenProxy(_ObjectProxy):  # type: ignore[misc]
     def __init__(self, wrapped: Any, site: Site) -> None:
         super().__init__(wrapped)
         self._self_state = _GenState()
-        delegate = _observe(wrapped, site, self._self_state)
+        delegate: Any = _observe(wrapped, site, self._self_state)
         # What a repr, the orphaned-generator finding or a debugger shows for the generator
         # that ``async for`` drives: the user's generator's names, not ours.
         try:
