@@ -173,10 +173,10 @@ Entry = tuple["weakref.ref[AnyAsyncGen]", "_Chain", "CodeType | None", int, "str
 class _Chain:
     """One pair of hooks somebody set, with asyncdiag's bookkeeping in front of them.
 
-    Installed as the thread's hooks (``firstiter=chain.firstiter, finalizer=chain.finalizer``)
-    in place of ``(first, fin)``. A generator keeps the finalizer it captured at first
-    iteration, so a chain lives as long as the generators first iterated under it, exactly as
-    the wrapped hooks would have; after uninstall it only passes calls through.
+    Installed as the thread's hooks (``firstiter=chain.make_firstiter(),
+    finalizer=chain.finalizer``) in place of ``(first, fin)``. A generator keeps the finalizer
+    it captured at first iteration, so a chain lives as long as the generators first iterated
+    under it, exactly as the wrapped hooks would have; after uninstall it passes calls through.
     """
 
     __slots__ = ("__weakref__", "fin", "first", "loop", "tracker")
@@ -190,43 +190,56 @@ class _Chain:
         owner = getattr(first, "__self__", None)
         self.loop = owner if isinstance(owner, asyncio.AbstractEventLoop) else None
 
-    def firstiter(self, agen: AnyAsyncGen) -> None:
+    def make_firstiter(self) -> Hook:
+        """The first-iteration hook: a closure, because it runs once for every generator of
+        the program and cell loads are cheaper than attribute loads on ``self``."""
+        chain = self
         tracker = self.tracker
-        if tracker.enabled:
-            # Inlined, not a method call: this runs once for every generator of the program.
-            try:
-                try:
-                    frame: FrameType | None = _getframe(1)
-                except ValueError:  # iterated from C code with no Python frame at all
-                    frame = None
-                if frame is not None:
-                    code: CodeType | None = frame.f_code
-                    if tracker.skip_cache.get(code.co_filename) is False:  # type: ignore[union-attr]
-                        lasti = frame.f_lasti
-                    else:
-                        code, lasti = tracker.locate(frame)
-                else:
-                    code, lasti = None, -1
-                # The loop whose hooks these are is the running one (asking asyncio for the
-                # running loop costs more than all the rest here on 3.10/3.11).
-                loop = self.loop
-                if loop is None:
-                    loop = _get_running_loop()
-                task = _current_task(loop) if loop is not None else None
-                registry = tracker.registry
-                registry[id(agen)] = (
-                    _ref(agen), self, code, lasti,
-                    task.get_name() if task is not None else None,
-                )
-                if len(registry) >= tracker.prune_at:
-                    tracker.prune()
-            except Exception as exc:
-                tracker.failed(exc)
-        # Exactly the call the thread would have made without asyncdiag; whatever it raises
-        # reaches the iterating code as it would have.
+        registry = tracker.registry
+        skip_get = tracker.skip_cache.get
         first = self.first
-        if first is not None:
-            first(agen)
+        chain_loop = self.loop
+
+        def firstiter(
+            agen: AnyAsyncGen,
+            _getframe: Callable[[int], FrameType] = _getframe,
+            _ref: Callable[[AnyAsyncGen], weakref.ref[AnyAsyncGen]] = _ref,
+            _id: Callable[[object], int] = id,
+            _len: Callable[[dict[int, Entry]], int] = len,
+        ) -> None:
+            if tracker.enabled:
+                try:
+                    try:
+                        frame: FrameType | None = _getframe(1)
+                    except ValueError:  # iterated from C code with no Python frame at all
+                        frame = None
+                    code: CodeType | None = None
+                    lasti = -1
+                    if frame is not None:
+                        code = frame.f_code
+                        if skip_get(code.co_filename) is False:
+                            lasti = frame.f_lasti
+                        else:
+                            code, lasti = tracker.locate(frame)
+                    # The loop whose hooks these are is the running one (asking asyncio for
+                    # the running loop costs more than all the rest here on 3.10/3.11).
+                    loop = chain_loop if chain_loop is not None else _get_running_loop()
+                    task = _current_task(loop) if loop is not None else None
+                    registry[_id(agen)] = (
+                        _ref(agen), chain, code, lasti,
+                        task.get_name() if task is not None else None,
+                    )
+                    if _len(registry) >= tracker.prune_at:
+                        tracker.prune()
+                except Exception as exc:
+                    tracker.failed(exc)
+            # Exactly the call the thread would have made without asyncdiag; whatever it
+            # raises reaches the iterating code as it would have.
+            if first is not None:
+                first(agen)
+
+        firstiter._asyncdiag_chain = chain  # type: ignore[attr-defined]
+        return firstiter
 
     def finalizer(self, agen: AnyAsyncGen) -> None:
         tracker = self.tracker
@@ -239,7 +252,10 @@ class _Chain:
 
 
 def _chain_of(hook: object) -> _Chain | None:
-    owner = getattr(hook, "__self__", None)
+    """The chain behind one of our hooks (a firstiter closure or a bound finalizer)."""
+    owner = getattr(hook, "_asyncdiag_chain", None)
+    if owner is None:
+        owner = getattr(hook, "__self__", None)
     return owner if type(owner) is _Chain else None
 
 
@@ -331,7 +347,7 @@ class AsyncgenTracker:
             # before install is never announced, but it always sets its hooks.
             self._patch_shutdown(type(chain.loop))
             self._start_tick(chain.loop)
-        self._orig_set(firstiter=chain.firstiter, finalizer=chain.finalizer)
+        self._orig_set(firstiter=chain.make_firstiter(), finalizer=chain.finalizer)
 
     def _rechain(self) -> None:
         """Put this thread's current hooks behind a chain of ours unless they already are."""
