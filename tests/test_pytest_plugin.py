@@ -374,3 +374,41 @@ def test_no_freezing_when_gc_collect_is_off(pytester: pytest.Pytester) -> None:
             assert gc.get_freeze_count() == 0
     """, ini="asyncdiag_gc_collect = false")
     run(pytester, "--asyncdiag").assert_outcomes(passed=2)
+
+
+def test_repeats_are_folded_in_the_message_and_the_summary(pytester: pytest.Pytester) -> None:
+    make(pytester, """
+        def test_hot():
+            for _ in range(3000):  # past the raw bound: folded as they come
+                leak("never_awaited", 4, "hot")
+
+        @pytest.mark.asyncdiag_allow("slow_callback")
+        def test_allowed_repeats():
+            for _ in range(3):
+                leak("slow_callback", 5, "cb", duration=0.2)
+    """)
+    result = run(pytester, "--asyncdiag")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines([
+        "asyncdiag: 1 distinct async mistake(s) found (3000 occurrence(s)):",
+        "  never_awaited * test_inner.py:4  hot  [[]x3000[]]",
+    ])
+    result.stdout.fnmatch_lines([
+        "  test_inner.py::test_allowed_repeats: slow_callback test_inner.py:5 cb x3 (200.0 ms)"
+        "  [[]allowed by slow_callback (@pytest.mark.asyncdiag_allow)[]]",
+    ])
+    assert result.stdout.str().count("test_inner.py::test_allowed_repeats: slow_callback") == 1
+
+
+def test_bad_allow_marker_is_an_error_of_that_test(pytester: pytest.Pytester) -> None:
+    make(pytester, """
+        @pytest.mark.asyncdiag_allow("orphaned_generator")
+        def test_typo():
+            pass
+
+        def test_fine():
+            pass
+    """)
+    result = run(pytester, "--asyncdiag")
+    result.assert_outcomes(passed=1, errors=1)
+    result.stdout.fnmatch_lines(["*unknown finding kind 'orphaned_generator'*"])

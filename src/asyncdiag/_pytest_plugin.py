@@ -51,6 +51,7 @@ PROPERTY_ALLOWED = "asyncdiag_allowed"
 PROPERTY_REPORTED = "asyncdiag_reported"
 _MAX_STACK_FRAMES = 8
 _THAW_EVERY = 100
+_MAX_RAW_PER_TEST = 1000
 
 
 # -- hooks active in every pytest run (cheap: options and markers only) ----------------------
@@ -216,20 +217,28 @@ def _relative_location(location: str, rootpath: Path) -> str:
     return f"{relative.as_posix()}:{line}"
 
 
+def _folded(previous: _findings.Finding, finding: _findings.Finding) -> _findings.Finding:
+    durations = [d for d in (previous.duration, finding.duration) if d is not None]
+    return dataclasses.replace(
+        previous,
+        count=previous.count + finding.count,
+        duration=max(durations) if durations else None,
+        last_seen=finding.last_seen,
+    )
+
+
+def _fold_into(
+    folded: dict[tuple[str, str], _findings.Finding], finding: _findings.Finding
+) -> None:
+    previous = folded.get(finding.key)
+    folded[finding.key] = finding if previous is None else _folded(previous, finding)
+
+
 def _fold(findings: Iterable[_findings.Finding]) -> list[_findings.Finding]:
+    """Repeats folded by kind and location, in order of first occurrence."""
     folded: dict[tuple[str, str], _findings.Finding] = {}
     for finding in findings:
-        previous = folded.get(finding.key)
-        if previous is None:
-            folded[finding.key] = finding
-            continue
-        durations = [d for d in (previous.duration, finding.duration) if d is not None]
-        folded[finding.key] = dataclasses.replace(
-            previous,
-            count=previous.count + finding.count,
-            duration=max(durations) if durations else None,
-            last_seen=finding.last_seen,
-        )
+        _fold_into(folded, finding)
     return list(folded.values())
 
 
@@ -332,7 +341,21 @@ def _fail_on(config: pytest.Config) -> frozenset[str]:
 @dataclasses.dataclass
 class _Window:
     nodeid: str
+    # Raw occurrences (a capture() block claims them by identity), then, past the bound, a
+    # hot repeated mistake is folded by kind and location so memory stays bounded.
     pending: list[_findings.Finding] = dataclasses.field(default_factory=list)
+    overflow: dict[tuple[str, str], _findings.Finding] = dataclasses.field(default_factory=dict)
+
+    def add(self, finding: _findings.Finding) -> None:
+        if len(self.pending) < _MAX_RAW_PER_TEST:
+            self.pending.append(finding)
+        else:
+            _fold_into(self.overflow, finding)
+
+    def take(self) -> list[_findings.Finding]:
+        taken = [*self.pending, *self.overflow.values()]
+        self.pending, self.overflow = [], {}
+        return taken
 
 
 @dataclasses.dataclass
@@ -368,7 +391,7 @@ class AsyncdiagPlugin:
         self._tests_since_thaw = 0
         self.allowed: list[_Listed] = []
         self.reported: list[_Listed] = []
-        self.outside: list[_Listed] = []
+        self.outside: dict[tuple[str, str], _Listed] = {}
         self.failed_tests: list[str] = []
 
     @staticmethod
@@ -424,10 +447,14 @@ class AsyncdiagPlugin:
         with self._lock:
             window = self._window
             if window is not None:
-                window.pending.append(finding)
+                window.add(finding)
+                return
+            previous = self.outside.get(finding.key)
+            if previous is not None:
+                previous.finding = _folded(previous.finding, finding)
             else:
                 where = f"after {self._last_nodeid}" if self._last_nodeid else "before any test"
-                self.outside.append(_Listed(None, finding, where))
+                self.outside[finding.key] = _Listed(None, finding, where)
 
     def _collect_garbage(self) -> None:
         if self.gc_collect:
@@ -474,7 +501,7 @@ class AsyncdiagPlugin:
         if self._listening:
             self._collect_garbage()
         self._shutdown()
-        failing = [x for x in self.outside if x.finding.kind in self.fail_on]
+        failing = [x for x in self.outside.values() if x.finding.kind in self.fail_on]
         if failing and session.exitstatus == pytest.ExitCode.OK:
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
@@ -486,14 +513,26 @@ class AsyncdiagPlugin:
     # -- one test ------------------------------------------------------------------------
     @pytest.hookimpl(wrapper=True, tryfirst=True)
     def pytest_runtest_setup(self, item: pytest.Item) -> Generator[None, object, object]:
+        # A problem is raised only after the other setup hooks ran: raising before them would
+        # leave pytest's setup state without this item and break its teardown.
+        problem = None
         if self._checked(item):
-            rules = self._rules_or_error(item)
-            item.stash[_RULES] = rules
+            try:
+                item.stash[_RULES] = self.ini_rules + _marker_rules(item)
+            except ValueError as exc:
+                item.stash[_RULES] = self.ini_rules
+                problem = f"{item.nodeid}: {exc}"
             self._listen()
-            self._ensure_installed()
+            try:
+                self._ensure_installed()
+            except pytest.UsageError as exc:
+                problem = str(exc)
             with self._lock:
                 self._window = _Window(item.nodeid)
-        return (yield)
+        result = yield
+        if problem:
+            pytest.fail(problem, pytrace=False)
+        return result
 
     @pytest.hookimpl(wrapper=True, tryfirst=True)
     def pytest_runtest_call(self, item: pytest.Item) -> Generator[None, object, object]:
@@ -532,19 +571,13 @@ class AsyncdiagPlugin:
         if report.skipped and not last:
             return report
         with self._lock:
-            findings, window.pending = window.pending, []
+            findings = window.take()
             if last:
                 self._window = None
                 self._last_nodeid = item.nodeid
         if findings:
             self._judge(item, report, findings, call.when)
         return report
-
-    def _rules_or_error(self, item: pytest.Item) -> list[AllowRule]:
-        try:
-            return self.ini_rules + _marker_rules(item)
-        except ValueError as exc:
-            raise pytest.UsageError(f"{item.nodeid}: {exc}") from None
 
     def _judge(
         self, item: pytest.Item, report: pytest.TestReport,
@@ -553,9 +586,10 @@ class AsyncdiagPlugin:
         rules = item.stash.get(_RULES, self.ini_rules)
         failing: list[_findings.Finding] = []
         testing = sys.modules.get("asyncdiag.testing")
-        for finding in findings:
-            if testing is not None and testing.is_claimed(finding):
-                continue  # the test captured it with asyncdiag.testing.capture() to assert on
+        if testing is not None:
+            # Captured with asyncdiag.testing.capture() by the test, to assert on.
+            findings = [f for f in findings if not testing.is_claimed(f)]
+        for finding in _fold(findings):
             rule = next((r for r in rules if r.matches(finding, self.rootpath)), None)
             if rule is not None:
                 self.allowed.append(_Listed(item.nodeid, finding, f"allowed by {rule}"))
@@ -606,11 +640,11 @@ class AsyncdiagPlugin:
             for entry in self.reported:
                 write(f"  {entry.nodeid}: {_one_line(entry.finding, self.rootpath)}")
         if self.outside:
-            failing = sum(1 for x in self.outside if x.finding.kind in self.fail_on)
+            failing = sum(1 for x in self.outside.values() if x.finding.kind in self.fail_on)
             write("findings outside any test (collection, between tests, session end)"
                   + (f"; {failing} of a failing kind, so the session fails:" if failing
                      else ":"))
-            for entry in self.outside:
+            for entry in self.outside.values():
                 write(f"  {_one_line(entry.finding, self.rootpath)}  [{entry.why}]")
 
 
