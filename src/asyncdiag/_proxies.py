@@ -60,7 +60,7 @@ _task_of = _task_lookup()
 # that went in and did not come out). Every item is counted. A clock read costs about as much
 # as the whole per-item budget on the machines we measured, so timing every item is not
 # affordable; a power of two keeps the test to one AND.
-TIMING_STRIDE_MASK = 15
+TIMING_STRIDE_MASK = 31
 
 # Open (entered, not yet exited) context managers that have a span, and iterations of class
 # based iterators: bounded, so that abandoned blocks cannot grow memory without limit.
