@@ -412,3 +412,30 @@ def test_bad_allow_marker_is_an_error_of_that_test(pytester: pytest.Pytester) ->
     result = run(pytester, "--asyncdiag")
     result.assert_outcomes(passed=1, errors=1)
     result.stdout.fnmatch_lines(["*unknown finding kind 'orphaned_generator'*"])
+
+
+def test_a_test_calling_gc_collect_gets_a_complete_collection(pytester: pytest.Pytester) -> None:
+    import gc
+
+    collect = gc.collect
+    make(pytester, """
+        import weakref
+
+        KEEP = []
+
+        class Node:
+            pass
+
+        def test_keeps():
+            node = Node()
+            node.me = node
+            KEEP.append(node)
+
+        def test_releases_and_collects():
+            ref = weakref.ref(KEEP[0])
+            KEEP.clear()
+            gc.collect()  # the cycle was frozen at the end of test_keeps: thawed first
+            assert ref() is None
+    """)
+    run(pytester, "--asyncdiag").assert_outcomes(passed=2)
+    assert gc.collect is collect and gc.get_freeze_count() == 0

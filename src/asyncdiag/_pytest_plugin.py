@@ -389,6 +389,8 @@ class AsyncdiagPlugin:
         self._we_installed = False
         self._frozen = False
         self._tests_since_thaw = 0
+        self._gc_collect = gc.collect
+        self._thawing = self._thawing_collect  # one bound method, to compare by identity
         self.allowed: list[_Listed] = []
         self.reported: list[_Listed] = []
         self.outside: dict[tuple[str, str], _Listed] = {}
@@ -458,29 +460,43 @@ class AsyncdiagPlugin:
 
     def _collect_garbage(self) -> None:
         if self.gc_collect:
-            gc.collect()
+            self._gc_collect()
 
     # A full collection walks every tracked object: tens of milliseconds in a pytest process
     # with OpenTelemetry loaded, twice per test. So what is alive at the end of a test (and so
     # is not that test's garbage) is moved to the permanent generation with gc.freeze(), and
     # the next test's collections only walk what it allocated. Frozen objects are still freed
     # by reference counting; only cycles among them wait for the periodic thaw (everything
-    # unfrozen and collected once every _THAW_EVERY tests) or the end of the session.
+    # unfrozen and collected once every _THAW_EVERY tests) or the end of the session. A test
+    # that calls gc.collect() itself thaws first, so its collection is as complete as without
+    # the plugin.
     def _freeze_survivors(self) -> None:
         if not (self.gc_collect and self.every_test):
             return
         self._tests_since_thaw += 1
         if self._frozen and self._tests_since_thaw >= _THAW_EVERY:
             self._tests_since_thaw = 0
-            gc.unfreeze()
-            gc.collect()
+            self._unfreeze()
+            self._gc_collect()
+        if gc.collect is self._gc_collect:
+            gc.collect = self._thawing
         gc.freeze()
         self._frozen = True
+
+    def _thawing_collect(self, generation: int = 2) -> int:
+        if generation >= 2:
+            self._unfreeze()
+        return self._gc_collect(generation)
 
     def _unfreeze(self) -> None:
         if self._frozen:
             self._frozen = False
             gc.unfreeze()
+
+    def _stop_freezing(self) -> None:
+        if gc.collect is self._thawing:
+            gc.collect = self._gc_collect
+        self._unfreeze()
 
     def _checked(self, item: pytest.Item) -> bool:
         return self.every_test or item.get_closest_marker(MARKER) is not None
@@ -497,7 +513,7 @@ class AsyncdiagPlugin:
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
-        self._unfreeze()
+        self._stop_freezing()
         if self._listening:
             self._collect_garbage()
         self._shutdown()
@@ -506,7 +522,7 @@ class AsyncdiagPlugin:
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
     def _shutdown(self) -> None:
-        self._unfreeze()
+        self._stop_freezing()
         self._uninstall_if_ours()
         self._unlisten()
 
