@@ -59,6 +59,59 @@ async def asyncgen_many() -> None:
         raise AssertionError("lost a worker")
 
 
+STREAM_CONNECTIONS = 4
+STREAM_REQUESTS_PER_CONNECTION = 250
+STREAM_ROWS = 16
+
+
+async def _stream_rows(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, count: int
+) -> AsyncIterator[bytes]:
+    """One request, its rows streamed back: what a database or RPC client generator does."""
+    writer.write(b"%d\n" % count)
+    await writer.drain()
+    for _ in range(count):
+        yield await reader.readline()
+
+
+@section("asyncgen_stream", "1,000 requests over 4 TCP connections on 127.0.0.1, each "
+         "response's 16 rows consumed through a fresh async generator")
+async def asyncgen_stream() -> None:
+    row = b"r" * 64 + b"\n"
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while request := await reader.readline():
+                writer.write(row * int(request))
+                await writer.drain()
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+
+    async def client() -> int:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        received = 0
+        for n in range(STREAM_REQUESTS_PER_CONNECTION):
+            rows = _stream_rows(reader, writer, STREAM_ROWS)
+            if n % 2:
+                async for line in rows:
+                    received += len(line)
+            else:
+                async with contextlib.aclosing(rows) as closing:
+                    async for line in closing:
+                        received += len(line)
+        writer.close()
+        await writer.wait_closed()
+        return received
+
+    async with server:
+        totals = await asyncio.gather(*(client() for _ in range(STREAM_CONNECTIONS)))
+    if sum(totals) != len(row) * STREAM_ROWS * STREAM_REQUESTS_PER_CONNECTION * len(totals):
+        raise AssertionError("lost rows")
+
+
 async def _one(value: int) -> AsyncIterator[int]:
     yield value
 
