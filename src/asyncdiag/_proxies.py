@@ -100,7 +100,7 @@ class Runtime:
         self.tracer = telemetry.tracer
         self.mode, self.mode_final = _spans.evaluate(self.tracer)
         self.tracing = self.mode != _spans.NEVER or not self.mode_final
-        self.open: dict[int, list[_Open]] = {}
+        self.open: dict[tuple[int, Any], _Open] = {}
         self.pending_detach: dict[int, _Open] = {}
         self.iterations: dict[int, _Iteration] = {}
 
@@ -179,85 +179,104 @@ _PROBE: contextvars.ContextVar[None] = contextvars.ContextVar("asyncdiag_probe")
 
 
 class _Open:
-    __slots__ = ("ctx", "ended", "enter_duration", "obj", "probe", "span", "task", "token")
+    """An entered block with a span: what its exit needs. Keyed in ``Runtime.open`` by
+    ``(id(obj), task)``; blocks of the same object re-entered in one task chain via ``prev``.
+    """
 
-    def __init__(self, span: Any, obj: Any) -> None:
+    __slots__ = ("ctx", "enter_duration", "obj", "prev", "probe", "span", "task", "token")
+
+    def __init__(self, span: Any, obj: Any, task: Any) -> None:
         self.span = span
         self.obj = obj  # strong: the id() key must not be reused while this is open
+        self.task = task
         self.ctx = trace.set_span_in_context(span)
         self.token = otel_context.attach(self.ctx)
-        self.probe = _PROBE.set(None)
-        loop = _get_running_loop()
-        self.task = _task_of(loop) if loop is not None else None
+        # Without a task (a coroutine driven by hand) the Context is identified by a probe.
+        self.probe = _PROBE.set(None) if task is None else None
         self.enter_duration = 0.0
-        self.ended = False
+        self.prev: _Open | None = None
 
 
-def _detach(rt: Runtime, record: _Open) -> None:
-    """Make the span's parent current again, in the Context that attached it, if that is the
-    Context running now and the span is still on top; otherwise leave it for later."""
-    record.ended = True
+def _current_task_fast() -> Any:
+    loop = _get_running_loop()
+    return _task_of(loop) if loop is not None else None
+
+
+def _same_context(record: _Open, task: Any) -> bool:
+    """Whether the Context running now is the one that attached ``record``'s span: a task
+    runs in its own Context, so the same task means the same Context."""
+    if record.task is not None:
+        return record.task is task
+    if record.probe is None:
+        return False
     try:
         _PROBE.reset(record.probe)
     except (ValueError, RuntimeError):
-        # Another Context (another task): its own Context is not ours to change. It is
-        # unwound the next time a block is entered or exited in the attaching Context.
-        if len(rt.pending_detach) < MAX_OPEN:
-            rt.pending_detach[id(record.ctx)] = record
-        return
-    if otel_context.get_current() is record.ctx:
+        return False
+    record.probe = _PROBE.set(None)  # the token is single-use: keep one for a later check
+    return True
+
+
+def _detach(rt: Runtime, record: _Open, task: Any) -> None:
+    """Make the span's parent current again, in the Context that attached it, if that is the
+    Context running now and the span is still on top; otherwise leave it for later (the
+    next block entered or left in that Context unwinds it)."""
+    if _same_context(record, task) and otel_context.get_current() is record.ctx:
         otel_context.detach(record.token)
-        _unwind(rt)
+        if rt.pending_detach:
+            _unwind(rt, task)
     elif len(rt.pending_detach) < MAX_OPEN:
+        # Another task's Context (``__aexit__`` awaited elsewhere), or exits out of order:
+        # another task's Context is not ours to change from here.
         rt.pending_detach[id(record.ctx)] = record
 
 
-def _unwind(rt: Runtime) -> None:
+def _unwind(rt: Runtime, task: Any) -> None:
     """Detach spans that ended elsewhere (or out of order) and are now on top here."""
     pending = rt.pending_detach
     while pending:
-        record = pending.get(id(otel_context.get_current()))
-        if record is None or record.ctx is not otel_context.get_current():
+        current = otel_context.get_current()
+        record = pending.get(id(current))
+        if record is None or record.ctx is not current or not _same_context(record, task):
             return
-        try:
-            _PROBE.reset(record.probe)
-        except (ValueError, RuntimeError):
-            return
-        del pending[id(record.ctx)]
+        del pending[id(current)]
         otel_context.detach(record.token)
 
 
-def _push_open(rt: Runtime, obj: Any, record: _Open) -> None:
+def _push_open(rt: Runtime, record: _Open) -> None:
     opened = rt.open
     if len(opened) >= MAX_OPEN:
         # Blocks entered and never exited (their coroutine was dropped): end the oldest.
-        key = next(iter(opened))
-        for stale in opened.pop(key):
+        stale: _Open | None = opened.pop(next(iter(opened)), None)
+        while stale is not None:
             stale.span.set_attribute(_names.ATTR_OUTCOME, "abandoned")
             stale.span.end()
-    opened.setdefault(id(obj), []).append(record)
+            stale = stale.prev
+    key = (id(record.obj), record.task)
+    record.prev = opened.get(key)
+    opened[key] = record
 
 
-def _pop_open(rt: Runtime, obj: Any) -> _Open | None:
-    records = rt.open.get(id(obj))
-    if not records:
-        return None
-    loop = _get_running_loop()
-    task = _task_of(loop) if loop is not None else None
-    index = len(records) - 1
-    for i in range(len(records) - 1, -1, -1):
-        if records[i].task is task and records[i].obj is obj:
-            index = i
-            break
-    record = records.pop(index)
-    if not records:
-        del rt.open[id(obj)]
+def _pop_open(rt: Runtime, obj: Any, task: Any) -> _Open | None:
+    opened = rt.open
+    key = (id(obj), task)
+    record = opened.pop(key, None)
+    if record is None:
+        # Exited in another task than the one that entered: find it by object.
+        for other_key, other in list(opened.items()):
+            if other_key[0] == id(obj) and other.obj is obj:
+                key, record = other_key, opened.pop(other_key)
+                break
+        else:
+            return None
+    if record.prev is not None:
+        opened[key] = record.prev
     return record if record.obj is obj else None
 
 
 def _end_with_span(
     rt: Runtime, record: _Open, outcome: str, exit_duration: float,
-    exc_type: type[BaseException] | None, site: Site,
+    exc_type: type[BaseException] | None, site: Site, task: Any,
 ) -> None:
     span = record.span
     span.set_attributes({
@@ -268,7 +287,7 @@ def _end_with_span(
     if outcome == "error" and exc_type is not None:
         span.set_status(Status(StatusCode.ERROR, exc_type.__qualname__))
     span.end()
-    _detach(rt, record)
+    _detach(rt, record, task)
 
 
 # -- async context managers ---------------------------------------------------------------------
@@ -359,15 +378,16 @@ def make_cm_methods(
         record = None
         if rt.tracing:
             try:
+                task = _current_task_fast()
                 if rt.pending_detach:
-                    _unwind(rt)
+                    _unwind(rt, task)
                 s = site if site is not None else self._self_site
                 # The SDK validates every attribute (about a tenth of a span's cost each): the
                 # span carries the subject and, at the end, outcome and durations; the
                 # `async with` line is in findings, not on every span.
                 span = rt.start_span(s.with_span, {_names.ATTR_SUBJECT: s.subject})
                 if span is not None:
-                    record = _Open(span, self)
+                    record = _Open(span, self, task)
             except Exception as exc:
                 failed(exc)
         t0 = perf_counter()
@@ -381,7 +401,7 @@ def make_cm_methods(
                 if record is not None:
                     record.enter_duration = t1 - t0
                     outcome = "cancelled" if isinstance(exc, _CancelledError) else "error"
-                    _end_with_span(rt, record, outcome, 0.0, type(exc), s)
+                    _end_with_span(rt, record, outcome, 0.0, type(exc), s, record.task)
             except Exception as internal:
                 failed(internal)
             _trim(exc, __aenter__.__code__)
@@ -393,7 +413,7 @@ def make_cm_methods(
             )
             if record is not None:
                 record.enter_duration = t1 - t0
-                _push_open(rt, self, record)
+                _push_open(rt, record)
         except Exception as internal:
             failed(internal)
         return result
@@ -405,19 +425,22 @@ def make_cm_methods(
             cls.__aexit__ is not __aexit__ or cls.__aenter__ is not __aenter__
         )):
             return await call_exit(self, *args, **kwargs)
-        record = _pop_open(rt, self) if rt.open else None
-        task = None
-        cancelling = 0
-        if _HAS_CANCELLING:
-            # A cancellation delivered into __aexit__ and caught there leaves the task's count
-            # of pending cancellation requests higher than before (3.11+).
+        task: Any = None
+        cancelling = -1  # not known
+        record = None
+        if _HAS_CANCELLING or rt.open:
             loop = _get_running_loop()
             if loop is not None:
                 task = _task_of(loop)
-                try:
-                    cancelling = task.cancelling()
-                except AttributeError:
-                    task = None
+                if _HAS_CANCELLING:
+                    # A cancellation delivered into __aexit__ and caught there leaves the
+                    # task's count of pending cancellation requests higher than before.
+                    try:
+                        cancelling = task.cancelling()
+                    except AttributeError:
+                        pass
+            if rt.open:
+                record = _pop_open(rt, self, task)
         t0 = perf_counter()
         try:
             suppress = await call_exit(self, *args, **kwargs)
@@ -433,7 +456,7 @@ def make_cm_methods(
                     _exit_findings(rt, s, sys._getframe(1), None, None, False, t1 - t0,
                                    record.span if record is not None else None)
                 if record is not None:
-                    _end_with_span(rt, record, outcome, t1 - t0, type(exc), s)
+                    _end_with_span(rt, record, outcome, t1 - t0, type(exc), s, task)
             except Exception as internal:
                 failed(internal)
             _trim(exc, __aexit__.__code__)
@@ -445,20 +468,21 @@ def make_cm_methods(
             if exc_type is None:
                 rt.telemetry.record_exit(s.subject, "ok", t1 - t0)
                 swallowed = False
-                new_cancel = task is not None and task.cancelling() > cancelling
+                new_cancel = cancelling >= 0 and task.cancelling() > cancelling
             else:
                 outcome = _outcome(exc_type, suppress)
                 rt.telemetry.record_exit(s.subject, outcome, t1 - t0)
                 swallowed = bool(suppress)
                 new_cancel = (
-                    task is not None and outcome != "cancelled"
+                    cancelling >= 0 and outcome != "cancelled"
                     and task.cancelling() > cancelling
                 )
             if swallowed or new_cancel or t1 - t0 > rt.slow_teardown:
                 _exit_findings(rt, s, sys._getframe(1), exc_type, suppress, new_cancel,
                                t1 - t0, record.span if record is not None else None)
             if record is not None:
-                _end_with_span(rt, record, _outcome(exc_type, suppress), t1 - t0, exc_type, s)
+                _end_with_span(rt, record, _outcome(exc_type, suppress), t1 - t0, exc_type, s,
+                               task)
         except Exception as internal:
             failed(internal)
         return suppress
