@@ -664,3 +664,22 @@ def test_memory_stays_flat_over_many_generators(loop_factory: LoopFactory) -> No
     assert growth_ours < 64 * 1024, f"asyncdiag/_asyncgens.py grew by {growth_ours} bytes"
     # Whole process, every component: one leaked object per generator would be megabytes.
     assert growth_all < 1024 * 1024, f"grew by {growth_all} bytes"
+
+
+def test_our_own_hooks_set_again_are_not_chained_twice(loop_factory: LoopFactory) -> None:
+    """Code that read the hooks raw (a get cached before install) and sets them back must not
+    end up with asyncdiag's chain wrapped in another: one report per orphan."""
+    cached_get = sys.get_asyncgen_hooks
+    asyncdiag.install(exporter="none")
+
+    async def main() -> None:
+        raw = cached_get()  # asyncdiag's chain around the loop's hooks
+        sys.set_asyncgen_hooks(*raw)
+        async for _ in numbers():
+            break
+        await asyncio.sleep(0)
+
+    run_on(loop_factory, main())
+    [finding] = orphans()
+    assert finding.count == 1
+    assert cleanups == ["numbers"]

@@ -338,6 +338,13 @@ class AsyncgenTracker:
         installing ours would change that, so such hooks are set as they are (and their
         generators are not tracked: no loop runs them).
         """
+        # Hooks obtained raw (through a reference to the original get cached before install)
+        # may be our own chain's: chain what they wrap, never a chain (two reports per orphan).
+        first_chain, fin_chain = _chain_of(first), _chain_of(fin)
+        if first_chain is not None:
+            first = first_chain.first
+        if fin_chain is not None:
+            fin = fin_chain.fin
         if fin is None or not self.enabled:
             self._orig_set(firstiter=first, finalizer=fin)
             return
