@@ -992,3 +992,33 @@ def test_exits_in_other_tasks_leave_no_ended_span_current(
     request = next(s for s in otel.finished() if s.name == "request")
     assert spans[-1].parent.span_id == request.context.span_id
     assert not [r for r in caplog.records if "detach" in r.getMessage().lower()]
+
+
+def test_an_object_that_cannot_be_patched_costs_one_warning(
+    loop_factory: Callable[[], asyncio.AbstractEventLoop], modules: Modules, otel: Otel,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    name = modules.write(TARGETS + '''
+
+class Frozen(type):
+    def __setattr__(cls, key, value):
+        raise TypeError("read-only class")
+
+class Locked(metaclass=Frozen):
+    async def __aenter__(self):
+        return "locked"
+    async def __aexit__(self, *exc):
+        return None
+''')
+    caplog.set_level(logging.WARNING, logger="asyncdiag")
+    otel.install(f"{name}.*")
+    mod = importlib.import_module(name)
+
+    async def main() -> list[Any]:
+        async with mod.Locked() as value:
+            pass
+        return [value, [x async for x in mod.rows(2)]]
+
+    assert run_on(loop_factory, main()) == ["locked", [0, 1]]
+    assert sum("could not instrument" in r.getMessage() for r in caplog.records) == 1
+    assert {s.name for s in otel.finished()} == {"async for rows"}

@@ -114,7 +114,16 @@ class Instrumentation:
 
     def _patch(self, owner: Any, name: str, raw: Any, label: str) -> Any:
         """Instrument ``owner.name`` (whose raw value is ``raw``). Returns the original function
-        that was replaced (for re-export patching), else None."""
+        that was replaced (for re-export patching), else None. One object that cannot be
+        patched (a built-in type, a class refusing attribute writes) costs one warning, not
+        the other targets."""
+        try:
+            return self._patch_one(owner, name, raw, label)
+        except Exception as exc:
+            self._warn(label, f"could not instrument {label}: {exc!r}; left as it is")
+            return None
+
+    def _patch_one(self, owner: Any, name: str, raw: Any, label: str) -> Any:
         kind = _targets.classify(raw)
         if kind is None:
             self._warn(label, f"{label} {_NOT_INSTRUMENTABLE}; ignored")
