@@ -675,6 +675,10 @@ def test_our_own_hooks_set_again_are_not_chained_twice(loop_factory: LoopFactory
     async def main() -> None:
         raw = cached_get()  # asyncdiag's chain around the loop's hooks
         sys.set_asyncgen_hooks(*raw)
+        loop: Any = asyncio.get_running_loop()
+        # What the loop set is what is seen: not asyncdiag's chain inside another one.
+        assert tuple(sys.get_asyncgen_hooks()) == (
+            loop._asyncgen_firstiter_hook, loop._asyncgen_finalizer_hook)
         async for _ in numbers():
             break
         await asyncio.sleep(0)
