@@ -368,13 +368,16 @@ def make_cm_methods(
     """
     active = [True]
 
-    async def __aenter__(self: Any, *args: Any, **kwargs: Any) -> Any:
+    # Fixed signatures, those of the protocol: packing ``*args, **kwargs`` on every call
+    # costs more than all the measuring (the interpreter, and code that calls the dunders by
+    # hand, pass exactly these).
+    async def __aenter__(self: Any) -> Any:
         rt = RUNTIME
         cls = type(self)
         if rt is None or not active[0] or (cls is not owner and owner is not None and (
             cls.__aenter__ is not __aenter__ or cls.__aexit__ is not __aexit__
         )):
-            return await call_enter(self, *args, **kwargs)
+            return await call_enter(self)
         record = None
         if rt.tracing:
             try:
@@ -392,7 +395,7 @@ def make_cm_methods(
                 failed(exc)
         t0 = perf_counter()
         try:
-            result = await call_enter(self, *args, **kwargs)
+            result = await call_enter(self)
         except BaseException as exc:
             t1 = perf_counter()
             try:
@@ -418,13 +421,13 @@ def make_cm_methods(
             failed(internal)
         return result
 
-    async def __aexit__(self: Any, *args: Any, **kwargs: Any) -> Any:
+    async def __aexit__(self: Any, exc_type: Any, exc: Any, tb: Any) -> Any:
         rt = RUNTIME
         cls = type(self)
         if rt is None or not active[0] or (cls is not owner and owner is not None and (
             cls.__aexit__ is not __aexit__ or cls.__aenter__ is not __aenter__
         )):
-            return await call_exit(self, *args, **kwargs)
+            return await call_exit(self, exc_type, exc, tb)
         task: Any = None
         cancelling = -1  # not known
         record = None
@@ -443,7 +446,7 @@ def make_cm_methods(
                 record = _pop_open(rt, self, task)
         t0 = perf_counter()
         try:
-            suppress = await call_exit(self, *args, **kwargs)
+            suppress = await call_exit(self, exc_type, exc, tb)
         except BaseException as exc:
             t1 = perf_counter()
             try:
@@ -464,7 +467,6 @@ def make_cm_methods(
         t1 = perf_counter()
         try:
             s = site if site is not None else self._self_site
-            exc_type = args[0] if args else kwargs.get("exc_type")
             if exc_type is None:
                 rt.telemetry.record_exit(s.subject, "ok", t1 - t0)
                 swallowed = False
@@ -490,10 +492,11 @@ def make_cm_methods(
     def disable() -> None:
         active[0] = False
 
-    for method, original in ((__aenter__, call_enter), (__aexit__, call_exit)):
+    methods: tuple[Any, Any] = (__aenter__, __aexit__)
+    for method, original in zip(methods, (call_enter, call_exit), strict=True):
         _dress(method, original)
-        method._self_disable = disable  # type: ignore[attr-defined]
-    return __aenter__, __aexit__
+        method._self_disable = disable
+    return methods
 
 
 class AsyncCMProxy(_ObjectProxy):  # type: ignore[misc]
@@ -506,8 +509,8 @@ class AsyncCMProxy(_ObjectProxy):  # type: ignore[misc]
 
     __aenter__, __aexit__ = make_cm_methods(
         None,
-        lambda self, *a, **k: self.__wrapped__.__aenter__(*a, **k),
-        lambda self, *a, **k: self.__wrapped__.__aexit__(*a, **k),
+        lambda self: self.__wrapped__.__aenter__(),
+        lambda self, exc_type, exc, tb: self.__wrapped__.__aexit__(exc_type, exc, tb),
         owner=None,
     )
 
@@ -774,10 +777,10 @@ def make_anext(site: Site, call_next: Caller) -> Callable[..., Awaitable[Any]]:
     """``__anext__`` for a class-based async iterator, patched on the class."""
     active = [True]
 
-    async def __anext__(self: Any, *args: Any, **kwargs: Any) -> Any:
+    async def __anext__(self: Any) -> Any:
         rt = RUNTIME
         if rt is None or not active[0] or type(self).__anext__ is not __anext__:
-            return await call_next(self, *args, **kwargs)
+            return await call_next(self)
         key = id(self)
         task = None
         cancelling = 0
@@ -789,10 +792,10 @@ def make_anext(site: Site, call_next: Caller) -> Callable[..., Awaitable[Any]]:
                 task, cancelling = _cancelling()
         except Exception as internal:
             failed(internal)
-            return await call_next(self, *args, **kwargs)
+            return await call_next(self)
         t0 = perf_counter()
         try:
-            item = await call_next(self, *args, **kwargs)
+            item = await call_next(self)
         except StopAsyncIteration as exc:
             try:
                 rt.telemetry.record_next(site.subject, perf_counter() - t0)
