@@ -188,12 +188,15 @@ def test_loop_blocked_is_reported_while_the_loop_is_still_stuck(
         released.set()
         worker.join(5)
     (slow,) = slow_findings_settled()
-    assert slow.duration is not None and slow.duration >= 0.3
+    # At least the 0.3 s slept after the report, minus any time the thread waited for a CPU.
+    assert slow.duration is not None and slow.duration >= 0.2
 
 
 @pytest.mark.parametrize("chunks", [False, True], ids=["many-tasks", "back-to-back-steps"])
 def test_no_finding_for_many_short_steps(loop_factory: LoopFactory, chunks: bool) -> None:
-    threshold = 0.1
+    # Generous, so that a neighbour stealing the CPU for a while on a shared machine does not
+    # make one of the short steps genuinely slow.
+    threshold = 0.2
     install(slow_callback_duration=threshold)
 
     def spin(seconds: float) -> None:
@@ -208,7 +211,7 @@ def test_no_finding_for_many_short_steps(loop_factory: LoopFactory, chunks: bool
 
     async def chunked() -> None:
         # Each step stays under the threshold; two back to back exceed it.
-        for _ in range(6):
+        for _ in range(4):
             spin(threshold * 0.6)
             await asyncio.sleep(0)
 
@@ -296,7 +299,10 @@ def test_app_exception_handler_still_called_and_findings_made(
     async def main() -> None:
         loop = asyncio.get_running_loop()
         loop.set_exception_handler(app_handler)
-        await asyncio.sleep(0.2)  # the watchdog wraps a handler set after start-up
+        # The watchdog wraps a handler set after start-up (within 16 polls).
+        deadline = time.monotonic() + 3.0
+        while loop.get_exception_handler() is app_handler and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
         task = loop.create_task(fails())
         await asyncio.sleep(0.01)
         del task

@@ -53,13 +53,14 @@ _CHECK_EVERY = 16
 # Frames in these directories are "library" frames: the location of a finding prefers the
 # innermost frame outside them, so that a blocking call inside a library points at the
 # application line that made it (the full stack is still attached).
+_PATHS = sysconfig.get_paths()
+_STDLIB_DIRS: tuple[str, ...] = tuple(
+    sorted({p.rstrip("/") + "/" for k in ("stdlib", "platstdlib") if (p := _PATHS.get(k))})
+)
 _LIBRARY_DIRS: tuple[str, ...] = tuple(
     sorted(
-        {
-            path.rstrip("/") + "/"
-            for key in ("stdlib", "platstdlib", "purelib", "platlib")
-            if (path := sysconfig.get_paths().get(key))
-        }
+        set(_STDLIB_DIRS)
+        | {p.rstrip("/") + "/" for k in ("purelib", "platlib") if (p := _PATHS.get(k))}
     )
 )
 _MAX_STACK = 40
@@ -73,8 +74,8 @@ def _frame_location(frame: FrameType) -> str:
     return f"{frame.f_code.co_filename}:{frame.f_lineno}"
 
 
-def _is_library(filename: str) -> bool:
-    return filename.startswith(_LIBRARY_DIRS) or filename.startswith("<frozen")
+def _is_library(filename: str, dirs: tuple[str, ...] = _LIBRARY_DIRS) -> bool:
+    return filename.startswith(dirs) or filename.startswith("<frozen")
 
 
 def _format_stack(top: FrameType, stop: FrameType | None = None) -> tuple[str, ...]:
@@ -104,6 +105,9 @@ class _Stall:
     locations: collections.Counter[str] = field(default_factory=collections.Counter)
     stacks: dict[str, tuple[str, ...]] = field(default_factory=dict)
     blocked_reported: bool = False
+    # The loop thread's time spent runnable but not running (Linux schedstat), at the start.
+    waited_at_start: int | None = None
+    waited_last: int | None = None  # the same, at the last poll that still saw the stall
 
     def main_location(self) -> str | None:
         if not self.locations:
@@ -122,6 +126,7 @@ class LoopState:
         "last_poll",
         "last_run",
         "loop_ref",
+        "native_id",
         "pending_seq",
         "posted_at",
         "ran_seq",
@@ -135,6 +140,7 @@ class LoopState:
     def __init__(self, loop: asyncio.AbstractEventLoop, thread_id: int | None) -> None:
         self.loop_ref: weakref.ref[asyncio.AbstractEventLoop] = weakref.ref(loop)
         self.thread_id = thread_id
+        self.native_id: int | None = None
         self.base_code: Any = None
         self.pending_seq = 0  # last beat posted
         self.ran_seq = 0  # last beat that ran
@@ -162,6 +168,7 @@ class LoopState:
             caller = sys._getframe(1)
             self.base_code = caller.f_code
         self.thread_id = threading.get_ident()
+        self.native_id = threading.get_native_id()
         lag = now - self.posted_at
         self.last_run = now
         if seq <= self.ran_seq:
@@ -334,7 +341,10 @@ class Watchdog:
             stall = state.stall
             if stall is None:
                 stall = self._new_stall(loop, task, entry, identity, start, state.pending_seq)
+                stall.waited_at_start = _runqueue_wait(state.native_id)
                 state.stall = stall
+            else:
+                stall.waited_last = _runqueue_wait(state.native_id)
             location = self._location(top, entry)
             stall.locations[location] += 1
             if location not in stall.stacks:
@@ -383,13 +393,16 @@ class Watchdog:
 
     @staticmethod
     def _location(top: FrameType, entry: FrameType) -> str:
-        frame: FrameType | None = top
-        while frame is not None:
-            if not _is_library(frame.f_code.co_filename):
-                return _frame_location(frame)
-            if frame is entry:
-                break
-            frame = frame.f_back
+        # Application code first; an application installed into site-packages still beats
+        # the standard library; else the innermost frame.
+        for dirs in (_LIBRARY_DIRS, _STDLIB_DIRS):
+            frame: FrameType | None = top
+            while frame is not None:
+                if not _is_library(frame.f_code.co_filename, dirs):
+                    return _frame_location(frame)
+                if frame is entry:
+                    break
+                frame = frame.f_back
         return _frame_location(top)
 
     @staticmethod
@@ -419,10 +432,20 @@ class Watchdog:
         duration = max(finished - stall.start, 0.0)
         description = ""
         # asyncio's debug mode measured this step exactly: prefer its number.
-        while state.exact:
-            seen_at, seconds, desc = state.exact.popleft()
+        for item in list(state.exact):
+            seen_at, seconds, desc = item
             if stall.start - 0.001 <= seen_at <= now + 0.001:
+                state.exact.remove(item)
                 duration, description = seconds, desc
+        starved = 0.0
+        if stall.waited_at_start is not None and stall.waited_last is not None \
+                and not description:
+            # Only what was seen while the step still ran: after it, the thread's waits are
+            # other steps'.
+            starved = max(stall.waited_last - stall.waited_at_start, 0) / 1e9
+        # Time the loop thread was runnable but the OS gave its CPU to others is not the step's
+        # fault: on a saturated host, counting it would blame whatever line happened to run.
+        duration = max(duration - starved, 0.0)
         if duration < self.settings.slow_callback_duration:
             return
         location = stall.main_location()
@@ -431,6 +454,8 @@ class Watchdog:
                    "without awaiting")
         if description:
             message += f"; asyncio debug mode: Executing {description}"
+        if starved >= 0.01:
+            message += f" (plus {starved:.3f} s waiting for a CPU, not counted)"
         _findings.report(
             _names.SLOW_CALLBACK, message, stall.subject, location=location,
             duration=duration, task=stall.task,
@@ -466,6 +491,21 @@ class Watchdog:
             stall.subject, location=location, duration=blocked_for, task=stall.task,
             stack=_format_stack(top), span=stall.span,
         )
+
+
+def _runqueue_wait(native_id: int | None) -> int | None:
+    """Nanoseconds thread ``native_id`` has spent runnable but waiting for a CPU (Linux), or
+    None where the kernel does not tell. Read by the watchdog thread only: it is file I/O."""
+    if native_id is None or not _SCHEDSTAT_AVAILABLE:
+        return None
+    try:
+        with open(f"/proc/self/task/{native_id}/schedstat", "rb") as f:
+            return int(f.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+_SCHEDSTAT_AVAILABLE = sys.platform.startswith("linux")
 
 
 def _thread_name(thread_id: int | None) -> str:
