@@ -694,3 +694,30 @@ def test_our_own_hooks_set_again_are_not_chained_twice(loop_factory: LoopFactory
     [finding] = orphans()
     assert finding.count == 1
     assert cleanups == ["numbers"]
+
+
+def test_a_raising_hook_of_theirs_raises_as_without_asyncdiag() -> None:
+    saved = sys.get_asyncgen_hooks()
+
+    class Refused(Exception):
+        pass
+
+    def firstiter(agen: Any) -> None:
+        raise Refused(agen.__qualname__)
+
+    def outcome() -> tuple[type[BaseException], str, list[str]]:
+        sys.set_asyncgen_hooks(firstiter, lambda agen: None)
+        try:
+            agen = plain()
+            with pytest.raises(Refused) as info:
+                drive(agen.__anext__())
+            return info.type, str(info.value), cleanups[:]
+        finally:
+            sys.set_asyncgen_hooks(*saved)
+
+    without = outcome()
+    asyncdiag.install(exporter="none")
+    with_agent = outcome()
+    asyncdiag.uninstall()
+    assert with_agent == without == (Refused, "plain", [])
+    assert orphans() == []
