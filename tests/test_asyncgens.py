@@ -611,6 +611,38 @@ def test_active_counter_follows_generators(loop_factory: LoopFactory) -> None:
     assert seen["uninstalled"] in (0, None)  # back to zero, or no longer observed at all
 
 
+def test_active_counter_is_refreshed_by_the_loop_tick(
+    loop_factory: LoopFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from asyncdiag import _asyncgens
+
+    monkeypatch.setattr(_asyncgens, "_TICK_SECONDS", 0.02)
+    published: list[int] = []
+    asyncdiag.install(exporter="none")
+    agent = _lifecycle.current()
+    assert agent is not None
+    real = agent.telemetry.asyncgen_active
+
+    def spy(delta: int) -> None:  # records, and still feeds the real Telemetry
+        published.append(delta)
+        real(delta)
+
+    monkeypatch.setattr(agent.telemetry, "asyncgen_active", spy)
+
+    async def main() -> None:
+        open_ones = [numbers() for _ in range(3)]
+        for agen in open_ones:
+            await agen.__anext__()
+        await asyncio.sleep(0.2)  # several ticks, no new generator, no explicit prune
+        assert sum(published) == 3
+        for agen in open_ones:
+            await agen.aclose()
+        await asyncio.sleep(0.2)
+        assert sum(published) == 0
+
+    run_on(loop_factory, main())
+
+
 MEMORY_GENERATORS = 40_000
 WARM_UP = 8_000
 

@@ -432,6 +432,9 @@ class AsyncgenTracker:
         thread (from its run, or from the hooks it sets as its run starts)."""
         if loop in self._ticking or loop.is_closed():
             return
+        owner = getattr(loop, "_thread_id", None)
+        if loop.is_running() and owner is not None and owner != threading.get_ident():
+            return  # hooks naming a loop set from another thread: call_later is not safe
         self._ticking.add(loop)
         loop.call_later(_TICK_SECONDS, self._tick, loop)
 
