@@ -1,13 +1,16 @@
 """Run the asyncdiag benchmark: per section, the cost of each variant relative to plain asyncio.
 
     python benchmarks/run.py [--loop asyncio|uvloop|both] [--runs N] [--sections a,b]
-                             [--variants plain,debug,asyncdiag] [--json FILE]
+                             [--variants plain,debug,asyncdiag] [--clock wall|cpu]
+                             [--json FILE]
 
 Every ``sections_*.py`` and ``variants_*.py`` module in this directory is imported and registers
 itself (see ``_registry.py`` and README.md). Each run times every variant once on a fresh loop,
 in an order rotated from run to run so that drift on a noisy machine (CPU frequency, neighbours)
 spreads evenly; the ratio of a variant is the median over runs of ``variant time / plain time``
-measured in the same run.
+measured in the same run. ``--clock cpu`` times with ``time.process_time()`` (CPU of every
+thread of the process, so a variant's background threads are charged to it) instead of wall
+time: on a shared machine it is far less disturbed by neighbours.
 """
 
 from __future__ import annotations
@@ -48,6 +51,9 @@ def loop_factory(kind: str) -> LoopFactory:
     return asyncio.new_event_loop
 
 
+CLOCK = time.perf_counter
+
+
 def time_once(section: Section, variant: Variant, kind: str) -> float:
     """One timed run of ``section`` under ``variant``; set-up and tear-down are not timed."""
     gc.collect()
@@ -55,9 +61,9 @@ def time_once(section: Section, variant: Variant, kind: str) -> float:
         loop = factory()
         try:
             asyncio.set_event_loop(loop)
-            start = time.perf_counter()
+            start = CLOCK()
             loop.run_until_complete(section.body())
-            elapsed = time.perf_counter() - start
+            elapsed = CLOCK() - start
             loop.run_until_complete(loop.shutdown_asyncgens())
         finally:
             asyncio.set_event_loop(None)
@@ -93,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=7)
     parser.add_argument("--sections", default="", help="comma-separated; default: all")
     parser.add_argument("--variants", default="", help="comma-separated; default: all")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="wall time (default) or CPU time of the whole process")
     parser.add_argument("--json", default="", help="also write the results to this file")
     parser.add_argument("--list", action="store_true", help="list sections and variants")
     args = parser.parse_args(argv)
@@ -111,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unknown {what}: {', '.join(unknown)} (known: {', '.join(known)})")
         return names
 
+    global CLOCK
+    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     section_names = pick(args.sections, REGISTRY.sections, "sections")
     variant_names = pick(args.variants, REGISTRY.variants, "variants")
     if BASELINE not in variant_names:
@@ -119,9 +129,10 @@ def main(argv: list[str] | None = None) -> int:
     kinds = ["asyncio", "uvloop"] if args.loop == "both" else [args.loop]
 
     print(f"# Python {platform.python_version()} on {platform.machine()}, "
-          f"{args.runs} runs, median ratio to '{BASELINE}' measured in the same run")
+          f"{args.runs} runs, {args.clock} clock, median ratio to '{BASELINE}' measured in "
+          "the same run")
     results: dict[str, Any] = {"python": platform.python_version(), "runs": args.runs,
-                               "loops": {}}
+                               "clock": args.clock, "loops": {}}
     for kind in kinds:
         header = f"| section ({kind}) | {BASELINE} ms | " + " | ".join(
             v.name for v in variants if v.name != BASELINE) + " |"

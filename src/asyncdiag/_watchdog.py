@@ -78,17 +78,29 @@ def _is_library(filename: str, dirs: tuple[str, ...] = _LIBRARY_DIRS) -> bool:
     return filename.startswith(dirs) or filename.startswith("<frozen")
 
 
-def _format_stack(top: FrameType, stop: FrameType | None = None) -> tuple[str, ...]:
-    """The stack from the outermost frame of the step (or the thread) to ``top``."""
-    frames: list[tuple[FrameType, int]] = []
+RawStack = tuple[tuple[str, int, str], ...]
+
+
+def _extract_stack(top: FrameType, stop: FrameType | None = None) -> RawStack:
+    """The stack from the outermost frame of the step (or the thread) to ``top``, as plain
+    data: cheap, and keeps no frame (nor its locals) alive."""
+    frames: list[tuple[str, int, str]] = []
     frame: FrameType | None = top
     while frame is not None and len(frames) < _MAX_STACK:
-        frames.append((frame, frame.f_lineno))
+        code = frame.f_code
+        frames.append((code.co_filename, frame.f_lineno or 0, code.co_name))
         if frame is stop:
             break
         frame = frame.f_back
     frames.reverse()
-    summary = traceback.StackSummary.extract(frames, lookup_lines=True)
+    return tuple(frames)
+
+
+def _format_stack(raw: RawStack) -> tuple[str, ...]:
+    """Formatted with source lines: only for a finding, and only in the watchdog thread."""
+    summary = traceback.StackSummary.from_list(
+        [traceback.FrameSummary(filename, lineno, name) for filename, lineno, name in raw]
+    )
     return tuple(summary.format())
 
 
@@ -103,7 +115,7 @@ class _Stall:
     task: str | None
     span: Any
     locations: collections.Counter[str] = field(default_factory=collections.Counter)
-    stacks: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    stacks: dict[str, RawStack] = field(default_factory=dict)
     blocked_reported: bool = False
     # The loop thread's time spent runnable but not running (Linux schedstat), at the start.
     waited_at_start: int | None = None
@@ -208,6 +220,7 @@ class Watchdog:
     ) -> None:
         self.settings = settings
         self._per_loop = per_loop
+        self._sample_after = min(settings.slow_callback_duration, settings.blocked_threshold) / 2
         self._polls = 0
         self.record_lag = settings.record_lag
         self._lock = threading.Lock()
@@ -336,8 +349,12 @@ class Watchdog:
             state.run_since = now
         elif not pending and state.stall is not None:
             self._finish_stall(state, now)
-        if pending and identity is not None and top is not None and entry is not None:
-            start = max(state.run_since, state.last_run)
+        start = max(state.run_since, state.last_run)
+        # A step is looked at closely only once it has run for half the smaller threshold:
+        # the batches of short steps of a busy loop cost the watchdog nothing more.
+        if pending and identity is not None and top is not None and entry is not None and (
+            state.stall is not None or now - start >= self._sample_after
+        ):
             stall = state.stall
             if stall is None:
                 stall = self._new_stall(loop, task, entry, identity, start, state.pending_seq)
@@ -348,7 +365,7 @@ class Watchdog:
             location = self._location(top, entry)
             stall.locations[location] += 1
             if location not in stall.stacks:
-                stall.stacks[location] = _format_stack(top, entry)
+                stall.stacks[location] = _extract_stack(top, entry)
             blocked_for = now - stall.start
             if not stall.blocked_reported and blocked_for >= self.settings.blocked_threshold:
                 stall.blocked_reported = True
@@ -459,7 +476,8 @@ class Watchdog:
         _findings.report(
             _names.SLOW_CALLBACK, message, stall.subject, location=location,
             duration=duration, task=stall.task,
-            stack=stall.stacks.get(location, ()) if location else (), span=stall.span,
+            stack=_format_stack(stall.stacks[location]) if location in stall.stacks else (),
+            span=stall.span,
         )
         if self.settings.record_slow is not None:
             self.settings.record_slow(duration)
@@ -489,7 +507,7 @@ class Watchdog:
             f"the event loop in thread {thread!r} has been blocked for {blocked_for:.3f} s "
             f"and still is, running {what}",
             stall.subject, location=location, duration=blocked_for, task=stall.task,
-            stack=_format_stack(top), span=stall.span,
+            stack=_format_stack(_extract_stack(top)), span=stall.span,
         )
 
 
