@@ -753,3 +753,38 @@ def test_a_raising_hook_of_theirs_raises_as_without_asyncdiag() -> None:
     asyncdiag.uninstall()
     assert with_agent == without == (Refused, "plain", [])
     assert orphans() == []
+
+
+def test_instrumented_generator_is_reported_once_at_the_users_lines(
+    loop_factory: LoopFactory,
+) -> None:
+    """With ``@asyncdiag.instrument`` the program iterates asyncdiag's proxy generator, which
+    drives the user's: the finding still names the user's function, definition and line."""
+    definition = here() + 2
+
+    @asyncdiag.instrument
+    async def pages() -> AsyncIterator[int]:
+        try:
+            for page in range(5):
+                await asyncio.sleep(0)
+                yield page
+        finally:
+            cleanups.append("pages")
+
+    asyncdiag.install(exporter="none")
+    lines: list[int] = []
+
+    async def main() -> None:
+        lines.append(here() + 1)
+        async for page in pages():
+            if page == 1:
+                break
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+
+    run_on(loop_factory, main())
+    [finding] = orphans()
+    assert finding.subject.endswith("pages")
+    assert finding.location == f"{__file__}:{lines[0]}"
+    assert f"defined at {__file__}:{definition}" in finding.message
+    assert cleanups == ["pages"]

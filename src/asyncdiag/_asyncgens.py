@@ -73,6 +73,8 @@ _TICK_SECONDS = 2.0
 _HERE = os.path.dirname(os.path.abspath(__file__)) + os.sep
 _ASYNCIO_DIR = os.path.dirname(os.path.abspath(asyncio.__file__)) + os.sep
 _CONTEXTLIB_FILE = os.path.abspath(contextlib.__file__)
+# Modules of the package that are programs, not machinery: their frames are the user's.
+_PACKAGE_PROGRAMS = frozenset({_HERE + "_demo.py"})
 
 _get_running_loop = asyncio.events._get_running_loop
 # 3.12+ has a C current_task; before, asyncio.current_task is Python around this C dict.
@@ -94,6 +96,8 @@ def _is_infrastructure(filename: str) -> bool:
     ``@asynccontextmanager`` generator is first iterated inside contextlib, on behalf of the
     user's ``async with`` line."""
     path = os.path.abspath(filename) if filename[:1] not in ("<", "") else filename
+    if path in _PACKAGE_PROGRAMS:
+        return False
     return path.startswith((_ASYNCIO_DIR, _HERE)) or path == _CONTEXTLIB_FILE
 
 
@@ -136,7 +140,7 @@ def _line_of(code: CodeType, lasti: int) -> int:
 # their text is computed once. Bounded: cleared when full (code objects are kept alive).
 _TEXT_CACHE_SIZE = 2048
 _locations: dict[tuple[CodeType, int], str] = {}
-_subjects: dict[CodeType, tuple[str, str]] = {}
+_subjects: dict[tuple[CodeType, str], tuple[str, str]] = {}
 
 
 def _location(code: CodeType | None, lasti: int) -> str | None:
@@ -154,14 +158,31 @@ def _location(code: CodeType | None, lasti: int) -> str | None:
 def _subject(agen: AnyAsyncGen) -> tuple[str, str]:
     """The generator function's qualified name, and where it is defined."""
     code = agen.ag_code
-    found = _subjects.get(code)
+    qualname = agen.__qualname__
+    key = (code, qualname)
+    found = _subjects.get(key)
     if found is None:
+        defined = code
+        if code.co_filename.startswith(_HERE):
+            # asyncdiag's instrumentation proxy (an async generator driving the user's, under
+            # the user's name): point at the user's generator function instead.
+            inner = _wrapped_generator(agen)
+            if inner is not None:
+                defined = inner.ag_code
         if len(_subjects) >= _TEXT_CACHE_SIZE:
             _subjects.clear()
-        found = _subjects[code] = (
-            agen.__qualname__, f"{code.co_filename}:{code.co_firstlineno}"
-        )
+        found = _subjects[key] = (qualname, f"{defined.co_filename}:{defined.co_firstlineno}")
     return found
+
+
+def _wrapped_generator(agen: AnyAsyncGen) -> AnyAsyncGen | None:
+    frame = agen.ag_frame
+    if frame is None:
+        return None
+    for value in frame.f_locals.values():
+        if isinstance(value, types.AsyncGeneratorType) and value is not agen:
+            return value
+    return None
 
 
 # Registry entry, keyed by ``id(agen)``: (weak reference to the generator, chain it was first
