@@ -301,3 +301,43 @@ def test_uvloop(pytester: pytest.Pytester, kind: str) -> None:
     result = _run(pytester, "--asyncdiag")
     result.assert_outcomes(passed=1, failed=1)
     result.stdout.fnmatch_lines([f"  {kind} *mistakes.py:*"])
+
+
+def test_pytest_xdist_workers_fail_tests_and_the_controller_summarizes(
+    pytester: pytest.Pytester,
+) -> None:
+    pytest.importorskip("xdist")
+    pytester.makeconftest(textwrap.dedent("""
+        from asyncdiag import _findings
+
+        def pytest_collection_finish(session):
+            # A finding outside any test, on each worker: the controller reports it.
+            if hasattr(session.config, "workerinput"):
+                _findings.report("never_awaited", "early", "at_import",
+                                 location="conftest.py:1")
+    """))
+    _setup(pytester, """
+        @pytest.mark.asyncdiag_allow("orphaned_asyncgen", reason="known")
+        def test_allowed():
+            asyncio.run(orphan_generator())
+
+        def test_leaky():
+            asyncio.run(forget_to_await())
+
+        def test_clean():
+            asyncio.run(clean())
+    """)
+    result = _run(pytester, "--asyncdiag", "-n", "2")
+    result.assert_outcomes(passed=2, failed=1)
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    result.stdout.fnmatch_lines([
+        "*= asyncdiag =*",
+        "1 test(s) failed because of async mistakes:",
+        "  test_inner.py::test_leaky",
+        "allowed findings (asyncdiag_allow):",
+        "  test_inner.py::test_allowed: orphaned_asyncgen mistakes.py:* "
+        "[[]allowed by orphaned_asyncgen (@pytest.mark.asyncdiag_allow, known)[]]",
+        "findings outside any test*; 2 of a failing kind, so the session fails:",
+        "  never_awaited conftest.py:1 at_import  [[]before any test[]]",
+    ])
+    assert _lifecycle.current() is None, "the controller must not install the agent"

@@ -22,6 +22,7 @@ import gc
 import os
 import sys
 import threading
+import time
 from collections.abc import Generator, Iterable
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,8 @@ MARKER = "asyncdiag"
 ALLOW_MARKER = "asyncdiag_allow"
 PROPERTY_ALLOWED = "asyncdiag_allowed"
 PROPERTY_REPORTED = "asyncdiag_reported"
+PROPERTY_FAILED = "asyncdiag_failed"
+_WORKER_OUTPUT_KEY = "asyncdiag_outside"
 _MAX_STACK_FRAMES = 8
 _THAW_EVERY = 100
 _MAX_RAW_PER_TEST = 1000
@@ -308,6 +311,35 @@ def _one_line(finding: _findings.Finding, rootpath: Path) -> str:
 
 
 # -- the active plugin ---------------------------------------------------------------------
+def _settle_watchdog() -> None:
+    """Wait until the loop watchdog has reported the steps that were still running at the
+    end of the test. It measures a step from its own thread and reports it at its next poll
+    (up to a poll interval later), by which time the test may be over: its slow_callback
+    would then land in the next test. Only reads the watchdog's state, and only waits when a
+    step was being timed; bounded by two poll intervals."""
+    watchdog_module = sys.modules.get("asyncdiag._watchdog")
+    watchdog = getattr(watchdog_module, "_MONITOR", None)
+    if watchdog is None:
+        return
+    try:
+        poll = float(watchdog.settings.poll)
+        deadline = time.monotonic() + 2 * poll + 0.05
+        if not any(state.stall is not None for state in watchdog.states()):
+            return
+        while any(state.stall is not None for state in watchdog.states()):
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.001)
+        # The round that ended the stall reports right after clearing it; the next round's
+        # start proves that report was made.
+        polls = watchdog._polls
+        while watchdog._polls == polls and time.monotonic() < deadline:
+            time.sleep(0.001)
+    except Exception:  # the watchdog's internals changed: attribution is then best effort
+        return
+
+
+
 def _milliseconds(config: pytest.Config, option: str | None, ini: str) -> float | None:
     raw = config.getoption(option, None) if option else None
     source = f"--{option.replace('_', '-')}" if raw is not None and option else ini
@@ -391,8 +423,15 @@ class AsyncdiagPlugin:
         self._tests_since_thaw = 0
         self._gc_collect = gc.collect
         self._thawing = self._thawing_collect  # one bound method, to compare by identity
-        self.allowed: list[_Listed] = []
-        self.reported: list[_Listed] = []
+        # Built from the test reports (so that pytest-xdist workers' results reach the
+        # controller's summary): (nodeid, text) per allowed / listed-only / failing finding.
+        self.allowed: list[tuple[str, str]] = []
+        self.reported: list[tuple[str, str]] = []
+        # Outside any test: this process's, and the lines xdist workers sent back.
+        self.remote_outside: list[tuple[str, bool]] = []
+        # An xdist controller runs no tests: it only gathers the workers' results.
+        self.controller = (getattr(config.option, "dist", "no") != "no"
+                           and not hasattr(config, "workerinput"))
         self.outside: dict[tuple[str, str], _Listed] = {}
         self.failed_tests: list[str] = []
 
@@ -499,6 +538,8 @@ class AsyncdiagPlugin:
         self._unfreeze()
 
     def _checked(self, item: pytest.Item) -> bool:
+        if self.controller:
+            return False
         return self.every_test or item.get_closest_marker(MARKER) is not None
 
     # -- session -------------------------------------------------------------------------
@@ -507,7 +548,7 @@ class AsyncdiagPlugin:
         # clear usage error instead of an internal error, and import-time findings of
         # collected modules are seen.
         config.add_cleanup(self._shutdown)
-        if self.every_test:
+        if self.every_test and not self.controller:
             self._listen()
             self._ensure_installed()
 
@@ -517,8 +558,11 @@ class AsyncdiagPlugin:
         if self._listening:
             self._collect_garbage()
         self._shutdown()
-        failing = [x for x in self.outside.values() if x.finding.kind in self.fail_on]
-        if failing and session.exitstatus == pytest.ExitCode.OK:
+        outside = self._outside_lines()
+        workeroutput = getattr(self.config, "workeroutput", None)
+        if workeroutput is not None:  # an xdist worker: the controller reports and decides
+            workeroutput[_WORKER_OUTPUT_KEY] = outside
+        elif any(failing for _, failing in outside) and session.exitstatus == pytest.ExitCode.OK:
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
     def _shutdown(self) -> None:
@@ -568,6 +612,7 @@ class AsyncdiagPlugin:
         finally:
             if self._window is not None:
                 self._collect_garbage()
+                _settle_watchdog()
                 self._freeze_survivors()
                 if not self.every_test:
                     self._uninstall_if_ours()
@@ -608,13 +653,11 @@ class AsyncdiagPlugin:
         for finding in _fold(findings):
             rule = next((r for r in rules if r.matches(finding, self.rootpath)), None)
             if rule is not None:
-                self.allowed.append(_Listed(item.nodeid, finding, f"allowed by {rule}"))
                 self._add_property(item, report, PROPERTY_ALLOWED,
-                                   f"{_one_line(finding, self.rootpath)} [{rule}]")
+                                   f"{_one_line(finding, self.rootpath)}  [allowed by {rule}]")
             elif finding.kind in self.fail_on:
                 failing.append(finding)
             else:
-                self.reported.append(_Listed(item.nodeid, finding, "not in asyncdiag_fail_on"))
                 self._add_property(item, report, PROPERTY_REPORTED,
                                    _one_line(finding, self.rootpath))
         if not failing:
@@ -625,8 +668,7 @@ class AsyncdiagPlugin:
             report.longrepr = text
         else:
             report.sections.append(("asyncdiag findings", text))
-        if item.nodeid not in self.failed_tests:
-            self.failed_tests.append(item.nodeid)
+        self._add_property(item, report, PROPERTY_FAILED, text.splitlines()[0])
 
     @staticmethod
     def _add_property(
@@ -637,8 +679,33 @@ class AsyncdiagPlugin:
         item.user_properties.append((name, value))
 
     # -- report --------------------------------------------------------------------------
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        # The teardown report carries every property of the test (it copies the item's).
+        if report.when != "teardown":
+            return
+        for name, value in report.user_properties:
+            if name == PROPERTY_ALLOWED:
+                self.allowed.append((report.nodeid, str(value)))
+            elif name == PROPERTY_REPORTED:
+                self.reported.append((report.nodeid, str(value)))
+            elif name == PROPERTY_FAILED and report.nodeid not in self.failed_tests:
+                self.failed_tests.append(report.nodeid)
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_testnodedown(self, node: Any, error: Any) -> None:
+        """xdist: a worker finished; keep its findings from outside any test."""
+        output = getattr(node, "workeroutput", None) or {}
+        for line, failing in output.get(_WORKER_OUTPUT_KEY, ()):
+            self.remote_outside.append((str(line), bool(failing)))
+
+    def _outside_lines(self) -> list[tuple[str, bool]]:
+        local = [(f"{_one_line(x.finding, self.rootpath)}  [{x.why}]",
+                  x.finding.kind in self.fail_on) for x in self.outside.values()]
+        return local + self.remote_outside
+
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
-        if not (self.allowed or self.reported or self.outside or self.failed_tests):
+        outside = self._outside_lines()
+        if not (self.allowed or self.reported or outside or self.failed_tests):
             return
         write = terminalreporter.write_line
         terminalreporter.write_sep("=", "asyncdiag")
@@ -648,20 +715,19 @@ class AsyncdiagPlugin:
                 write(f"  {nodeid}")
         if self.allowed:
             write("allowed findings (asyncdiag_allow):")
-            for entry in self.allowed:
-                write(f"  {entry.nodeid}: {_one_line(entry.finding, self.rootpath)}"
-                      f"  [{entry.why}]")
+            for nodeid, text in self.allowed:
+                write(f"  {nodeid}: {text}")
         if self.reported:
             write("findings of kinds that do not fail tests (asyncdiag_fail_on):")
-            for entry in self.reported:
-                write(f"  {entry.nodeid}: {_one_line(entry.finding, self.rootpath)}")
-        if self.outside:
-            failing = sum(1 for x in self.outside.values() if x.finding.kind in self.fail_on)
+            for nodeid, text in self.reported:
+                write(f"  {nodeid}: {text}")
+        if outside:
+            failing = sum(1 for _, is_failing in outside if is_failing)
             write("findings outside any test (collection, between tests, session end)"
                   + (f"; {failing} of a failing kind, so the session fails:" if failing
                      else ":"))
-            for entry in self.outside.values():
-                write(f"  {_one_line(entry.finding, self.rootpath)}  [{entry.why}]")
+            for text, _ in outside:
+                write(f"  {text}")
 
 
 _RULES = pytest.StashKey[list[AllowRule]]()
