@@ -471,3 +471,22 @@ def test_loop_lag_metric_comes_from_the_heartbeat(
     assert max(lags) >= BLOCK * 0.5  # the beat posted during the block waited for it
     assert sorted(lags)[len(lags) // 2] < SLOW  # a healthy loop has a small median lag
     assert len(slow) == 1 and slow[0] >= BLOCK * 0.8
+
+
+def test_debug_mode_finding_carries_no_callback_arguments(loop_factory: LoopFactory) -> None:
+    install(debug=True)
+    secret = "s3cr3t-token-value"
+
+    def send(token: str) -> None:
+        time.sleep(BLOCK)
+
+    async def main() -> None:
+        await asyncio.sleep(0.03)
+        asyncio.get_running_loop().call_soon(send, secret)
+        await asyncio.sleep(0.05)
+
+    run_on(loop_factory, main())
+    (finding,) = slow_findings_settled()
+    assert finding.subject.endswith("send")
+    text = " ".join([finding.message, finding.subject, *finding.stack])
+    assert secret not in text

@@ -43,6 +43,31 @@ ExceptionHandler = Callable[[asyncio.AbstractEventLoop, dict[str, Any]], object]
 ExactSink = Callable[[asyncio.AbstractEventLoop | None, float, str], None]
 
 _EXECUTING = re.compile(r"^Executing (.*) took ([0-9.]+) seconds$", re.DOTALL)
+# Pieces of asyncio's handle/task reprs that name code, never data: the reprs themselves show
+# callback arguments (payloads, credentials) and must not reach a finding.
+_CORO_NAME = re.compile(r"coro=<([\w.<>]+)\(")
+_CALLBACK_NAME = re.compile(r"^<(?:Timer)?Handle (?:when=\S+ )?([\w.<>]+)\(")
+_RUNNING_AT = re.compile(r" (?:running|created|defined) at ([^\s>]+:\d+)")
+_HANDLE_AT = re.compile(r"\) at ([^\s>]+:\d+)>?$")
+
+
+def safe_description(raw: str) -> str:
+    """``Task main() running at app.py:12`` from asyncio's repr of a handle, without arguments."""
+    coro = _CORO_NAME.search(raw)
+    if coro is not None:
+        what = f"Task {coro.group(1)}()"
+    else:
+        callback = _CALLBACK_NAME.search(raw)
+        what = f"callback {callback.group(1)}()" if callback is not None else "a callback"
+    where = _RUNNING_AT.search(raw) if coro is not None else _HANDLE_AT.search(raw)
+    return f"{what} at {where.group(1)}" if where is not None else what
+
+
+def subject_of(description: str) -> str:
+    """``main`` from ``Task main() at app.py:12`` (see :func:`safe_description`)."""
+    what = description.split(" at ", 1)[0]
+    what = what.split(" ", 1)[-1]
+    return what[:-2] if what.endswith("()") else what
 _OWN_DIR = __file__.rsplit("/", 1)[0] + "/"
 
 
@@ -137,7 +162,7 @@ class _DebugLogFilter(logging.Filter):
                 loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
             except RuntimeError:
                 loop = None
-            self._sink(loop, float(match.group(2)), match.group(1))
+            self._sink(loop, float(match.group(2)), safe_description(match.group(1)))
             return False
         except Exception as exc:
             _safety.hook_failed("asyncio debug log", exc)

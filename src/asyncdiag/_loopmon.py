@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from . import _findings, _names, _safety, _watchdog
-from ._asyncio_warnings import AsyncioWarnings
+from ._asyncio_warnings import AsyncioWarnings, subject_of
 
 if TYPE_CHECKING:
     from ._lifecycle import Agent
@@ -104,6 +104,6 @@ class LoopMonitor:
             return
         _findings.report(
             _names.SLOW_CALLBACK,
-            f"asyncio debug mode: Executing {description[:300]} took {seconds:.3f} s",
-            description[:120], duration=seconds,
+            f"asyncio debug mode: Executing {description} took {seconds:.3f} s",
+            subject_of(description), duration=seconds,
         )

@@ -42,6 +42,7 @@ from types import FrameType
 from typing import Any
 
 from . import _findings, _names, _safety
+from ._asyncio_warnings import subject_of
 
 logger = logging.getLogger("asyncdiag")
 
@@ -488,11 +489,10 @@ class Watchdog:
             return
         while state.exact and now - state.exact[0][0] > 2 * self.settings.poll:
             _, seconds, description = state.exact.popleft()
-            subject = description.split(" ", 1)[0].strip("<>") or "callback"
             _findings.report(
                 _names.SLOW_CALLBACK,
-                f"asyncio debug mode: Executing {description[:300]} took {seconds:.3f} s",
-                subject, duration=seconds,
+                f"asyncio debug mode: Executing {description} took {seconds:.3f} s",
+                subject_of(description), duration=seconds,
             )
             if self.settings.record_slow is not None:
                 self.settings.record_slow(seconds)
