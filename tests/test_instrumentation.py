@@ -1022,3 +1022,103 @@ class Locked(metaclass=Frozen):
     assert run_on(loop_factory, main()) == ["locked", [0, 1]]
     assert sum("could not instrument" in r.getMessage() for r in caplog.records) == 1
     assert {s.name for s in otel.finished()} == {"async for rows"}
+
+
+def test_container_activation_by_environment_only(tmp_path: Path) -> None:
+    """ASYNCDIAG_ENABLED + ASYNCDIAG_INSTRUMENT, no code change: the package imported later
+    by the program is patched, and its mistake is reported with the program's line."""
+    import os
+    import subprocess
+
+    (tmp_path / "shop").mkdir()
+    (tmp_path / "shop" / "__init__.py").write_text("")
+    (tmp_path / "shop" / "db.py").write_text(textwrap.dedent(MISTAKES))
+    (tmp_path / "app.py").write_text(textwrap.dedent('''
+        import asyncio
+        from shop.db import Forgiving
+
+        async def main():
+            async with Forgiving():
+                raise ValueError("lost")
+
+        asyncio.run(main())
+        print("done")
+    '''))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ASYNCDIAG_", "OTEL_"))}
+    env.update(ASYNCDIAG_ENABLED="1", ASYNCDIAG_INSTRUMENT="shop.*", ASYNCDIAG_EXPORTER="none",
+               PYTHONPATH=str(tmp_path))
+    proc = subprocess.run([sys.executable, str(tmp_path / "app.py")], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "done"
+    assert "[swallowed_exception] Forgiving.__aexit__" in proc.stderr
+    assert f"{tmp_path / 'app.py'}:6" in proc.stderr
+
+
+ITERATORS = '''
+import asyncio
+
+class Countdown:
+    def __init__(self, n):
+        self.n = n
+    def __aiter__(self):
+        return self
+    async def __anext__(self):
+        await asyncio.sleep(0)
+        if self.n == 0:
+            raise StopAsyncIteration
+        self.n -= 1
+        return self.n
+'''
+
+
+def test_class_iterator_spans_end_on_exhaustion_and_when_abandoned(
+    loop_factory: Callable[[], asyncio.AbstractEventLoop], modules: Modules, otel: Otel,
+) -> None:
+    import gc
+
+    name = modules.write(ITERATORS)
+    otel.install(f"{name}:Countdown")
+    mod = importlib.import_module(name)
+
+    async def main() -> list[int]:
+        done = [i async for i in mod.Countdown(3)]
+        async for i in mod.Countdown(5):
+            if i == 3:
+                break
+        gc.collect()
+        return done
+
+    assert run_on(loop_factory, main()) == [2, 1, 0]
+    outcomes = sorted((s.attributes[_names.ATTR_OUTCOME], s.attributes["asyncdiag.items"])
+                      for s in otel.finished("async for Countdown"))
+    assert outcomes == [("ok", 3), ("orphaned", 2)]
+    yields = {p.attributes[_names.ATTR_SUBJECT]: p.value
+              for p in otel.points(_names.ITERATOR_YIELDS.name)}
+    assert yields[f"{name}.Countdown"] == 5
+
+
+def test_loops_in_other_threads_are_measured_too(modules: Modules, otel: Otel) -> None:
+    import threading
+
+    name = modules.write(NESTING)
+    otel.install(f"{name}.*")
+    mod = importlib.import_module(name)
+    results: list[int] = []
+
+    async def work() -> int:
+        total = 0
+        for _ in range(20):
+            async with mod.Outer():
+                total += sum([i async for i in mod.numbers(3)])
+        return total
+
+    threads = [threading.Thread(target=lambda: results.append(asyncio.run(work())))
+               for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert results == [60, 60, 60]
+    assert len(otel.finished("async with Outer")) == 60
+    assert len(otel.finished("async for numbers")) == 60
