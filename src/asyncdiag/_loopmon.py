@@ -89,7 +89,7 @@ class LoopMonitor:
             loop = state.loop_ref()
             if loop is None or loop.is_closed():
                 continue
-            total += len(asyncio.all_tasks(loop))
+            total += _count_tasks(loop)
         return [(total, {})]
 
     # -- debug mode -----------------------------------------------------------------------------
@@ -107,3 +107,14 @@ class LoopMonitor:
             f"asyncio debug mode: Executing {description} took {seconds:.3f} s",
             subject_of(description), duration=seconds,
         )
+
+
+def _count_tasks(loop: asyncio.AbstractEventLoop) -> int:
+    """Pending tasks of ``loop``, from the metrics thread. The task registry may change size
+    while it is read from another thread; asyncio itself retries in that case, and so do we."""
+    for _ in range(10):
+        try:
+            return len(asyncio.all_tasks(loop))
+        except RuntimeError:
+            continue
+    return 0
