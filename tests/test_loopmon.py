@@ -490,3 +490,32 @@ def test_debug_mode_finding_carries_no_callback_arguments(loop_factory: LoopFact
     assert finding.subject.endswith("send")
     text = " ".join([finding.message, finding.subject, *finding.stack])
     assert secret not in text
+
+
+@pytest.mark.skipif(sys.version_info < (3, 12), reason="Task.get_context() is 3.12+")
+def test_loop_blocked_event_lands_on_the_blocking_tasks_span(loop_factory: LoopFactory) -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer("test")
+    install(blocked_threshold=0.1)
+
+    async def handler() -> None:
+        with tracer.start_as_current_span("request"):
+            await asyncio.sleep(0.03)
+            time.sleep(0.3)  # BLOCKING-IN-SPAN
+        await asyncio.sleep(0.03)
+
+    run_on(loop_factory, handler())
+    slow_findings_settled()
+    (span,) = exporter.get_finished_spans()
+    from asyncdiag import _names
+
+    kinds = [event.attributes.get(_names.EVENT_ATTR_KIND) for event in span.events
+             if event.attributes is not None]
+    assert "loop_blocked" in kinds
+    provider.shutdown()

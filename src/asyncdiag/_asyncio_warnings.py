@@ -258,7 +258,7 @@ class AsyncioWarnings:
             task_name = task.get_name() if isinstance(task, asyncio.Task) else None
             _findings.report(
                 _names.PENDING_TASK_DESTROYED,
-                f"task {task_name!r} ({subject}) was garbage-collected while still pending: "
+                f"task {subject} was garbage-collected while still pending: "
                 f"nothing kept a reference to it, so it never finished ({where} here)",
                 subject, location=location, task=task_name,
                 stack=stack + _source_traceback(context),
@@ -273,7 +273,8 @@ class AsyncioWarnings:
                 subject = _qualname_of(future.get_coro())
             else:
                 subject = _qualname_of(future)
-            what = f"task {name!r} ({subject})" if name else subject
+            # The task's name only in the ``task`` field: it may carry request data.
+            what = f"task {subject}" if name else subject
             _findings.report(
                 _names.UNRETRIEVED_EXCEPTION,
                 f"{what} failed with {type(exc).__name__} and nobody retrieved the exception "

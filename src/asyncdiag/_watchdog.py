@@ -467,7 +467,9 @@ class Watchdog:
         if duration < self.settings.slow_callback_duration:
             return
         location = stall.main_location()
-        what = f"task {stall.task!r} ({stall.subject})" if stall.task else stall.subject
+        # The task's name stays in the finding's ``task`` field only: names may be built from
+        # request data, and the message travels to span events.
+        what = f"task {stall.subject}" if stall.task else stall.subject
         message = (f"{what} blocked the event loop for {duration:.3f} s in one step "
                    "without awaiting")
         if description:
@@ -500,7 +502,9 @@ class Watchdog:
     def _report_blocked(
         self, state: LoopState, stall: _Stall, top: FrameType, location: str, blocked_for: float
     ) -> None:
-        what = f"task {stall.task!r} ({stall.subject})" if stall.task else stall.subject
+        # The task's name stays in the finding's ``task`` field only: names may be built from
+        # request data, and the message travels to span events.
+        what = f"task {stall.subject}" if stall.task else stall.subject
         thread = _thread_name(state.thread_id)
         _findings.report(
             _names.LOOP_BLOCKED,
