@@ -565,7 +565,8 @@ def test_internal_failure_is_logged_once_and_never_reaches_the_program(
 # -- telemetry and memory ----------------------------------------------------------------------
 
 
-def test_active_counter_follows_generators(loop_factory: LoopFactory) -> None:
+def test_active_counter_is_current_at_each_collection(loop_factory: LoopFactory) -> None:
+    """No timer on the loop: the count is brought up to date when a reader collects."""
     from opentelemetry.sdk.metrics import MeterProvider
     from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
@@ -589,17 +590,23 @@ def test_active_counter_follows_generators(loop_factory: LoopFactory) -> None:
         asyncdiag.install(exporter="none")
 
         async def main() -> None:
+            loop = asyncio.get_running_loop()
+            scheduled = len(getattr(loop, "_scheduled", ()))
             open_ones = [numbers() for _ in range(5)]
             for agen in open_ones:
                 await agen.__anext__()
-            tracker().prune()
             seen["open"] = active()
-            for agen in open_ones:
-                await agen.aclose()
+            for agen in open_ones[:3]:
+                await agen.aclose()  # closed, still referenced: no longer active
             async for _ in numbers():
                 pass
-            tracker().prune()
-            seen["closed"] = active()
+            seen["two left"] = active()
+            del open_ones  # the last two are orphaned: collected
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)
+            seen["none left"] = active()
+            # asyncdiag added no timer to the loop.
+            assert len(getattr(loop, "_scheduled", ())) == scheduled
 
         run_on(loop_factory, main())
         asyncdiag.uninstall()
@@ -607,40 +614,8 @@ def test_active_counter_follows_generators(loop_factory: LoopFactory) -> None:
     finally:
         asyncdiag.uninstall()
         provider.shutdown()
-    assert seen["open"] == 5 and seen["closed"] == 0
+    assert seen["open"] == 5 and seen["two left"] == 2 and seen["none left"] == 0
     assert seen["uninstalled"] in (0, None)  # back to zero, or no longer observed at all
-
-
-def test_active_counter_is_refreshed_by_the_loop_tick(
-    loop_factory: LoopFactory, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from asyncdiag import _asyncgens
-
-    monkeypatch.setattr(_asyncgens, "_TICK_SECONDS", 0.02)
-    published: list[int] = []
-    asyncdiag.install(exporter="none")
-    agent = _lifecycle.current()
-    assert agent is not None
-    real = agent.telemetry.asyncgen_active
-
-    def spy(delta: int) -> None:  # records, and still feeds the real Telemetry
-        published.append(delta)
-        real(delta)
-
-    monkeypatch.setattr(agent.telemetry, "asyncgen_active", spy)
-
-    async def main() -> None:
-        open_ones = [numbers() for _ in range(3)]
-        for agen in open_ones:
-            await agen.__anext__()
-        await asyncio.sleep(0.2)  # several ticks, no new generator, no explicit prune
-        assert sum(published) == 3
-        for agen in open_ones:
-            await agen.aclose()
-        await asyncio.sleep(0.2)
-        assert sum(published) == 0
-
-    run_on(loop_factory, main())
 
 
 MEMORY_GENERATORS = 40_000

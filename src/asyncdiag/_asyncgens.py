@@ -28,8 +28,9 @@ removed at the generator's death: CPython clears weak references (running their 
 *before* it calls the finalizer, which still needs the entry; and generators die at a few
 reused addresses, so the next generator's entry usually overwrites the dead one's. What is left
 is pruned in bulk, by a C-level pass (no Python frame per entry), once the dict has doubled
-since the last prune and on a periodic tick on each running loop, which also publishes
-``asyncdiag.asyncgen.active`` (one telemetry call per tick, not two per generator).
+since the last prune and at each metrics collection (on the collecting thread: no timer on
+any loop, which a program could observe), which also publishes ``asyncdiag.asyncgen.active``
+(one telemetry call per prune, not two per generator).
 """
 
 from __future__ import annotations
@@ -41,7 +42,6 @@ import logging
 import os
 import sys
 import threading
-import time
 import types
 import weakref
 from collections import deque
@@ -68,7 +68,6 @@ Hook = Callable[[AnyAsyncGen], object]
 # Entries of dead generators are pruned when the registry has doubled since the last prune
 # (amortised O(1) per generator), never below this size, and on the periodic tick.
 _MIN_PRUNE = 1024
-_TICK_SECONDS = 2.0
 
 _HERE = os.path.dirname(os.path.abspath(__file__)) + os.sep
 _ASYNCIO_DIR = os.path.dirname(os.path.abspath(asyncio.__file__)) + os.sep
@@ -298,9 +297,8 @@ class AsyncgenTracker:
         self._orig_set: Callable[..., None] = sys.set_asyncgen_hooks
         self._hooks_type: Callable[[tuple[Any, Any]], Any] = type(sys.get_asyncgen_hooks())
         self._patched_owners: set[type] = set()
-        self._ticking: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
         self._reported_active = 0
-        self._last_prune = 0.0
+        self._publish_lock = threading.Lock()
 
     # -- component ----------------------------------------------------------------------
     def start(self, agent: Agent) -> None:
@@ -315,6 +313,9 @@ class AsyncgenTracker:
         # chain them now rather than at their next set.
         self._rechain()
         agent.loops.subscribe(on_loop=self._on_loop, on_run=self._on_run)
+        set_refresher = getattr(agent.telemetry, "set_asyncgen_refresher", None)
+        if set_refresher is not None:
+            set_refresher(self.refresh)
 
     def stop(self) -> None:
         with self._lock:
@@ -323,6 +324,9 @@ class AsyncgenTracker:
             try:
                 if agent is not None:
                     agent.loops.unsubscribe(on_loop=self._on_loop, on_run=self._on_run)
+                    set_refresher = getattr(agent.telemetry, "set_asyncgen_refresher", None)
+                    if set_refresher is not None:
+                        set_refresher(None)
                 # Only this thread's hooks can be restored; chains left in other threads
                 # pass calls through until those threads set their hooks again (every loop
                 # does when its run ends).
@@ -335,7 +339,6 @@ class AsyncgenTracker:
                 self._patcher.restore_all()
                 self._patched_owners.clear()
                 self._reset_registry()
-                self._ticking = weakref.WeakSet()
                 if agent is not None and self._reported_active:
                     # The up-down counter goes back to where install found it.
                     self._add_active(agent, -self._reported_active)
@@ -374,7 +377,6 @@ class AsyncgenTracker:
             # Here rather than only on loop discovery: a loop made by a factory looked up
             # before install is never announced, but it always sets its hooks.
             self._patch_shutdown(type(chain.loop))
-            self._start_tick(chain.loop)
         self._orig_set(firstiter=chain.make_firstiter(), finalizer=chain.finalizer)
 
     def _rechain(self) -> None:
@@ -441,35 +443,9 @@ class AsyncgenTracker:
 
     def _on_run(self, loop: asyncio.AbstractEventLoop) -> None:
         """Inside the loop thread, at the start of a run: chain hooks the loop set through a
-        cached ``sys.set_asyncgen_hooks`` (bypassing our wrapper), and keep the tick going."""
-        if not self.enabled:
-            return
-        self._rechain()
-        self._start_tick(loop)
-
-    def _start_tick(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Prune and publish the active count every few seconds while ``loop`` runs, so the
-        metric follows generators that end while no new one starts. Called in the loop's
-        thread (from its run, or from the hooks it sets as its run starts)."""
-        if loop in self._ticking or loop.is_closed():
-            return
-        owner = getattr(loop, "_thread_id", None)
-        if loop.is_running() and owner is not None and owner != threading.get_ident():
-            return  # hooks naming a loop set from another thread: call_later is not safe
-        self._ticking.add(loop)
-        loop.call_later(_TICK_SECONDS, self._tick, loop)
-
-    def _tick(self, loop: asyncio.AbstractEventLoop) -> None:
-        if not self.enabled or loop not in self._ticking:
-            return
-        try:
-            if time.monotonic() - self._last_prune >= _TICK_SECONDS / 2:
-                self.prune()
-        except Exception as exc:
-            self.failed(exc)
-            return
-        if not loop.is_closed():
-            loop.call_later(_TICK_SECONDS, self._tick, loop)
+        cached ``sys.set_asyncgen_hooks`` (bypassing our wrapper)."""
+        if self.enabled:
+            self._rechain()
 
     def _patch_shutdown(self, loop_type: type) -> None:
         """Wrap ``shutdown_asyncgens`` where the loop class defines it (a Python class), or on
@@ -550,16 +526,26 @@ class AsyncgenTracker:
         )
         live = len(registry)
         self.prune_at = max(2 * live, _MIN_PRUNE)
-        self._last_prune = time.monotonic()
         self._publish_active(live)
 
     def _publish_active(self, live: int) -> None:
-        agent = self._agent
-        delta = live - self._reported_active
-        if agent is None or not delta:
-            return
-        self._reported_active = live
-        self._add_active(agent, delta)
+        # Prunes run on loop threads and on the metrics collecting thread.
+        with self._publish_lock:
+            agent = self._agent
+            delta = live - self._reported_active
+            if agent is None or not delta:
+                return
+            self._reported_active = live
+            self._add_active(agent, delta)
+
+    def refresh(self) -> None:
+        """Bring ``asyncdiag.asyncgen.active`` up to date; the telemetry calls this at each
+        metrics collection, on its collecting thread (so no timer runs on any loop)."""
+        if self.enabled:
+            try:
+                self.prune()
+            except Exception as exc:
+                self.failed(exc)
 
     @staticmethod
     def _add_active(agent: Agent, delta: int) -> None:

@@ -326,6 +326,7 @@ class Telemetry:
         self._yield_totals = self._yields.totals
         self._findings = _Counts()
         self._asyncgen_active = 0
+        self._asyncgen_refresher: Callable[[], None] | None = None
         self._meter_provider: Any = None
         self._patcher = Patcher()
         self._hooked: weakref.WeakSet[Any] = weakref.WeakSet()
@@ -399,6 +400,7 @@ class Telemetry:
         if _active is self:
             _active = None
         self._task_sources.clear()
+        self._asyncgen_refresher = None
         with self._lock:
             self._patcher.restore_all()
             self._hooked = weakref.WeakSet()
@@ -490,6 +492,12 @@ class Telemetry:
         """``source()`` yields ``(pending_task_count, attributes)`` per loop at collection."""
         self._task_sources.append(source)
 
+    def set_asyncgen_refresher(self, refresher: Callable[[], None] | None) -> None:
+        """``refresher()`` runs at each collection, on the collecting thread, right before
+        ``asyncdiag.asyncgen.active`` is read: the asyncgen tracker brings its count up to
+        date there instead of with a timer on the loop (which a program can observe)."""
+        self._asyncgen_refresher = refresher
+
     def remove_task_count_source(self, source: TaskCountSource) -> None:
         if source in self._task_sources:
             self._task_sources.remove(source)
@@ -506,6 +514,12 @@ class Telemetry:
         if name == _names.FINDINGS.name:
             return self._findings.observations()
         if name == _names.ASYNCGEN_ACTIVE.name:
+            refresher = self._asyncgen_refresher
+            if refresher is not None and not _safety.is_disabled("asyncgen active refresh"):
+                try:
+                    refresher()
+                except Exception as exc:
+                    _safety.hook_failed("asyncgen active refresh", exc)
             # Always one observation: the SDK skips ``_receive_metrics`` for a collection with
             # no data at all, and the histograms ride on that call.
             return [Observation(self._asyncgen_active)]
