@@ -132,36 +132,30 @@ def _setup(pytester: pytest.Pytester, tests: str, ini: str = "") -> None:
                         + textwrap.dedent(tests))
 
 
-@pytest.mark.parametrize("kind", sorted(CASES))
-def test_each_mistake_fails_its_test_under_asyncio_run(
-    pytester: pytest.Pytester, kind: str
-) -> None:
-    _setup(pytester, f"""
-        def test_clean():
-            asyncio.run(clean())
-
-        def test_leaky():
-            asyncio.run({CASES[kind]}())
-
-        def test_after():
-            asyncio.run(clean())
-    """)
+def test_each_mistake_fails_the_test_that_made_it(pytester: pytest.Pytester) -> None:
+    # One session, one leaky test per kind between clean ones: each failure must name its
+    # own test's mistake and only that one.
+    leaky = "\n".join(f"def test_{kind}():\n    asyncio.run({func}())\n\n"
+                       f"def test_clean_after_{kind}():\n    asyncio.run(clean())\n"
+                       for kind, func in CASES.items())
+    _setup(pytester, "def test_clean_first():\n    asyncio.run(clean())\n\n" + leaky)
     result = _run(pytester, "--asyncdiag")
-    result.assert_outcomes(passed=2, failed=1)
-    result.stdout.fnmatch_lines([
-        "*_ test_leaky _*",
-        f"asyncdiag: {kind} at mistakes.py:*",
-        f"  {kind} *mistakes.py:*",
-        "FAILED test_inner.py::test_leaky - asyncdiag*",
-    ])
-    if kind == "loop_blocked":
-        # The loop thread's stack while it was stuck, without pytest's and asyncio's frames.
+    result.assert_outcomes(passed=len(CASES) + 1, failed=len(CASES))
+    for kind in CASES:
         result.stdout.fnmatch_lines([
-            "loop_blocked at mistakes.py:* (stack without pytest, pluggy, asyncio and "
-            "asyncdiag frames):",
-            '  File "*mistakes.py", line *, in block_the_loop',
-            "    time.sleep(0.5)",
+            f"*_ test_{kind} _*",
+            f"asyncdiag: {kind} at mistakes.py:*",
+            "asyncdiag: 1 distinct async mistake(s) found*",
+            f"  {kind} *mistakes.py:*",
         ])
+        result.stdout.fnmatch_lines([f"FAILED test_inner.py::test_{kind} - asyncdiag: *"])
+    # The loop thread's stack while it was stuck, without pytest's and asyncio's frames.
+    result.stdout.fnmatch_lines([
+        "loop_blocked at mistakes.py:* (stack without pytest, pluggy, asyncio and "
+        "asyncdiag frames):",
+        '  File "*mistakes.py", line *, in block_the_loop',
+        "    time.sleep(0.5)",
+    ])
 
 
 def test_the_same_mistakes_pass_without_the_plugin(pytester: pytest.Pytester) -> None:
