@@ -519,3 +519,15 @@ def test_loop_blocked_event_lands_on_the_blocking_tasks_span(loop_factory: LoopF
              if event.attributes is not None]
     assert "loop_blocked" in kinds
     provider.shutdown()
+
+
+def test_first_step_of_a_run_blocking_at_once(loop_factory: LoopFactory) -> None:
+    install()
+
+    async def main() -> None:
+        time.sleep(BLOCK)  # BLOCKING-FIRST-STEP
+        await asyncio.sleep(0.05)
+
+    run_on(loop_factory, main())
+    (finding,) = slow_findings_settled()
+    assert finding.location == f"{HERE}:{line_of('BLOCKING-FIRST-STEP')}"

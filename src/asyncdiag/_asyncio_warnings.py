@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 import sys
 import warnings
@@ -68,7 +69,7 @@ def subject_of(description: str) -> str:
     what = description.split(" at ", 1)[0]
     what = what.split(" ", 1)[-1]
     return what[:-2] if what.endswith("()") else what
-_OWN_DIR = __file__.rsplit("/", 1)[0] + "/"
+_OWN_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
 def _frame_line(filename: str, lineno: int | None, name: str) -> str:

@@ -30,6 +30,7 @@ import asyncio
 import collections
 import contextvars
 import logging
+import os
 import sys
 import sysconfig
 import threading
@@ -65,6 +66,7 @@ _LIBRARY_DIRS: tuple[str, ...] = tuple(
     )
 )
 _MAX_STACK = 40
+_OWN_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
 def _qualname(code: Any) -> str:
@@ -169,8 +171,17 @@ class LoopState:
         self.exact: collections.deque[tuple[float, float, str]] = collections.deque(maxlen=16)
 
     def prime(self, loop: asyncio.AbstractEventLoop) -> None:
-        """From the loop thread at the start of a run: a first beat, so that the frame the
-        loop calls steps from is known even if the very first step blocks."""
+        """From the loop thread, inside the callback that announces a run: learn the frame the
+        loop calls steps from right now (the first step may block before any beat runs: a
+        service's start-up often does), and queue a first beat."""
+        self.thread_id = threading.get_ident()
+        self.native_id = threading.get_native_id()
+        if self.base_code is None:
+            frame: FrameType | None = sys._getframe(1)
+            while frame is not None and frame.f_code.co_filename.startswith(_OWN_DIR):
+                frame = frame.f_back
+            if frame is not None:
+                self.base_code = frame.f_code
         self.stale = True
         loop.call_soon(self.beat, self.ran_seq)
 
