@@ -1122,3 +1122,27 @@ def test_loops_in_other_threads_are_measured_too(modules: Modules, otel: Otel) -
     assert results == [60, 60, 60]
     assert len(otel.finished("async with Outer")) == 60
     assert len(otel.finished("async for numbers")) == 60
+
+
+def test_targets_of_a_module_that_installs_before_defining_them(
+    loop_factory: Callable[[], asyncio.AbstractEventLoop], modules: Modules,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A module calling install() at its top names classes it defines further down: they are
+    patched once a loop runs, without a spurious "no attribute" warning."""
+    caplog.set_level(logging.WARNING, logger="asyncdiag")
+    name = modules.write('''
+import asyncdiag
+asyncdiag.install(instrument=[__name__ + ":Forgiving", __name__ + ".*"], exporter="none")
+''' + MISTAKES)
+    mod = importlib.import_module(name)
+
+    async def main() -> None:
+        await asyncio.sleep(0)
+        async with mod.Forgiving():
+            raise ValueError("lost")
+
+    run_on(loop_factory, main())
+    assert kinds() == [_names.SWALLOWED_EXCEPTION]
+    assert hasattr(mod.SlowClose.__aexit__, "__asyncdiag_instrumented__")
+    assert not [r for r in caplog.records if "no attribute" in r.getMessage()]

@@ -45,12 +45,19 @@ class Instrumentation:
         self._finder: _targets.GlobFinder | None = None
         self._warned: set[str] = set()
         self._exact: dict[str, list[_targets.Target]] = {}
+        # Targets of a module still executing when we looked (the script that calls
+        # install() before defining its classes, a package importing its own submodule):
+        # applied again when a loop first runs, by when the module has finished.
+        self._deferred: list[tuple[ModuleType, _targets.Target | None]] = []
+        self._agent: Agent | None = None
 
     # -- component ------------------------------------------------------------------------
     def start(self, agent: Agent) -> None:
         global _ACTIVE
         _proxies.RUNTIME = _proxies.Runtime(agent.telemetry, agent.config.slow_teardown_threshold)
         self._active = True
+        self._agent = agent
+        agent.loops.subscribe(on_run=self._retry_deferred)
         _ACTIVE = self
         for cls in list(_EXPLICIT_CLASSES):
             self.patch_class(cls)
@@ -89,8 +96,12 @@ class Instrumentation:
     def stop(self) -> None:
         global _ACTIVE
         _proxies.RUNTIME = None
+        if self._agent is not None:
+            self._agent.loops.unsubscribe(on_run=self._retry_deferred)
+            self._agent = None
         with self._lock:
             self._active = False
+            self._deferred.clear()
             if _ACTIVE is self:
                 _ACTIVE = None
             finder, self._finder = self._finder, None
@@ -147,6 +158,9 @@ class Instrumentation:
             try:
                 owner, name, raw = _targets.resolve(module, target.qualname)
             except AttributeError:
+                if _still_executing(module) and (module, target) not in self._deferred:
+                    self._deferred.append((module, target))
+                    continue
                 self._warn(target.text, f"module {module.__name__!r} has no attribute "
                            f"{target.qualname!r}; target {target.text!r} ignored")
                 continue
@@ -155,8 +169,10 @@ class Instrumentation:
                 replaced[id(original)] = (original, replaced_by(owner, name))
         return replaced
 
-    def _apply_glob(self, module: ModuleType) -> dict[int, Any]:
+    def _apply_glob(self, module: ModuleType, defer: bool = True) -> dict[int, Any]:
         replaced: dict[int, Any] = {}
+        if defer and _still_executing(module) and (module, None) not in self._deferred:
+            self._deferred.append((module, None))
         for owner, name, raw in _targets.defined_objects(module):
             if _targets.classify(raw) is None:
                 continue
@@ -207,11 +223,48 @@ class Instrumentation:
         except Exception as exc:
             _safety.hook_failed("instrumentation import hook", exc)
 
+    def _retry_deferred(self, loop: object) -> None:
+        if not self._deferred:
+            return
+        with self._lock:
+            deferred, self._deferred = self._deferred, []
+        try:
+            for module, target in deferred:
+                if target is None:
+                    replaced = self._apply_glob(module, defer=False)
+                else:
+                    replaced = self._apply_exact_target(module, target)
+                if replaced:
+                    self._patch_reexports(replaced, [module])
+        except Exception as exc:
+            _safety.hook_failed("instrumentation deferred targets", exc)
+
+    def _apply_exact_target(
+        self, module: ModuleType, target: _targets.Target
+    ) -> dict[int, Any]:
+        assert target.qualname is not None
+        try:
+            owner, name, raw = _targets.resolve(module, target.qualname)
+        except AttributeError:
+            self._warn(target.text, f"module {module.__name__!r} has no attribute "
+                       f"{target.qualname!r}; target {target.text!r} ignored")
+            return {}
+        original = self._patch(owner, name, raw, target.text)
+        return {id(original): (original, replaced_by(owner, name))} if original else {}
+
     def _warn(self, key: str, message: str) -> None:
         if key in self._warned:
             return
         self._warned.add(key)
         logger.warning("asyncdiag: %s", message)
+
+
+def _still_executing(module: ModuleType) -> bool:
+    """The module's code is still running: it is being imported, or it is the script."""
+    if module.__name__ == "__main__":
+        return True
+    spec = getattr(module, "__spec__", None)
+    return bool(getattr(spec, "_initializing", False))
 
 
 def replaced_by(owner: Any, name: str) -> Any:
