@@ -83,13 +83,13 @@ class Instrumentation:
         for module_name in list(self._exact):
             if module_name in sys.modules:
                 module = sys.modules[module_name]
-                originals.update(self._apply_exact(module))
+                originals.update(self._apply_exact(module, defer=True))
             else:
                 import wrapt
 
                 wrapt.register_post_import_hook(self._on_exact_import, module_name)
         for module in pre_imported:
-            originals.update(self._apply_glob(module))
+            originals.update(self._apply_glob(module, defer=True))
         if originals:
             self._patch_reexports(originals)
 
@@ -151,14 +151,17 @@ class Instrumentation:
             self._patcher.set(owner, name, wrapper)
         return raw
 
-    def _apply_exact(self, module: ModuleType) -> dict[int, Any]:
+    def _apply_exact(self, module: ModuleType, defer: bool = False) -> dict[int, Any]:
+        """``defer``: the module was found in sys.modules at install, maybe still executing.
+        (A post-import hook runs once the module's code has finished.)"""
         replaced: dict[int, Any] = {}
         for target in self._exact.get(module.__name__, []):
             assert target.qualname is not None
             try:
                 owner, name, raw = _targets.resolve(module, target.qualname)
             except AttributeError:
-                if _still_executing(module) and (module, target) not in self._deferred:
+                if defer and _still_executing(module) and (
+                    module, target) not in self._deferred:
                     self._deferred.append((module, target))
                     continue
                 self._warn(target.text, f"module {module.__name__!r} has no attribute "
@@ -169,7 +172,7 @@ class Instrumentation:
                 replaced[id(original)] = (original, replaced_by(owner, name))
         return replaced
 
-    def _apply_glob(self, module: ModuleType, defer: bool = True) -> dict[int, Any]:
+    def _apply_glob(self, module: ModuleType, defer: bool = False) -> dict[int, Any]:
         replaced: dict[int, Any] = {}
         if defer and _still_executing(module) and (module, None) not in self._deferred:
             self._deferred.append((module, None))
@@ -231,7 +234,7 @@ class Instrumentation:
         try:
             for module, target in deferred:
                 if target is None:
-                    replaced = self._apply_glob(module, defer=False)
+                    replaced = self._apply_glob(module)
                 else:
                     replaced = self._apply_exact_target(module, target)
                 if replaced:
