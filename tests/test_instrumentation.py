@@ -951,6 +951,8 @@ def test_uninstall_while_a_block_is_open_does_not_break_it(
     otel.install(f"{name}.*")
     mod = importlib.import_module(name)
 
+    from opentelemetry import trace
+
     async def main() -> list[int]:
         out = []
         gen = mod.numbers(4)
@@ -958,9 +960,13 @@ def test_uninstall_while_a_block_is_open_does_not_break_it(
             out.append(await gen.__anext__())
             asyncdiag.uninstall()
             out.extend([i async for i in gen])
+            # The block's span ended with the agent and is no longer current.
+            assert not trace.get_current_span().is_recording()
         return out
 
     assert run_on(loop_factory, main()) == [0, 1, 2, 3]
+    [span] = otel.finished("async with Outer")
+    assert span.attributes[_names.ATTR_OUTCOME] == "abandoned"
 
 
 def test_exits_in_other_tasks_leave_no_ended_span_current(

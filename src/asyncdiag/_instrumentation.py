@@ -95,7 +95,9 @@ class Instrumentation:
 
     def stop(self) -> None:
         global _ACTIVE
-        _proxies.RUNTIME = None
+        runtime, _proxies.RUNTIME = _proxies.RUNTIME, None
+        if runtime is not None:
+            _proxies.end_all_open(runtime)
         if self._agent is not None:
             self._agent.loops.unsubscribe(on_run=self._retry_deferred)
             self._agent = None

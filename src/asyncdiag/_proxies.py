@@ -274,6 +274,31 @@ def _pop_open(rt: Runtime, obj: Any, task: Any) -> _Open | None:
     return record if record.obj is obj else None
 
 
+def end_all_open(rt: Runtime) -> None:
+    """At uninstall: end the spans of blocks still open, and make their parents current
+    again where that is possible from here (the uninstalling task's own blocks)."""
+    task = _current_task_fast()
+    records: list[_Open] = []
+    for head in rt.open.values():
+        record: _Open | None = head
+        while record is not None:
+            records.append(record)
+            record = record.prev
+    rt.open.clear()
+    for entered in reversed(records):  # innermost (most recently entered) first
+        try:
+            entered.span.set_attribute(_names.ATTR_OUTCOME, "abandoned")
+            entered.span.end()
+            _detach(rt, entered, task)
+        except Exception as internal:
+            _safety.hook_failed(HOOK_NAME, internal)
+    for iteration in list(rt.iterations.values()):
+        if iteration.span is not None:
+            iteration.span.set_attribute(_names.ATTR_OUTCOME, "abandoned")
+            iteration.span.end()
+    rt.iterations.clear()
+
+
 def _end_with_span(
     rt: Runtime, record: _Open, outcome: str, exit_duration: float,
     exc_type: type[BaseException] | None, site: Site, task: Any,
