@@ -919,3 +919,6 @@ class InstrumentedFunction(_FunctionWrapper):  # type: ignore[misc]
         self._self_site = site
         self._self_kind = kind
         self._self_disable = disable
+
+    def __repr__(self) -> str:
+        return repr(self.__wrapped__)
