@@ -335,3 +335,24 @@ def test_pytest_xdist_workers_fail_tests_and_the_controller_summarizes(
         "  never_awaited conftest.py:1 at_import  [[]before any test[]]",
     ])
     assert _lifecycle.current() is None, "the controller must not install the agent"
+
+
+def test_slow_step_at_the_end_of_a_test_is_charged_to_that_test(
+    pytester: pytest.Pytester,
+) -> None:
+    # The watchdog thread reports a slow step at its next poll, possibly after the test body
+    # returned: the plugin waits for that report before judging the test.
+    _setup(pytester, """
+        async def slow_last_step():
+            await asyncio.sleep(0.01)
+            time.sleep(0.15)
+
+        def test_slow():
+            asyncio.run(slow_last_step())
+
+        def test_next():
+            time.sleep(0.2)
+    """, ini="asyncdiag_fail_on = slow_callback")
+    result = _run(pytester, "--asyncdiag")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(["FAILED test_inner.py::test_slow - asyncdiag: slow_callback*"])

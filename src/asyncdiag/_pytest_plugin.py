@@ -311,30 +311,46 @@ def _one_line(finding: _findings.Finding, rootpath: Path) -> str:
 
 
 # -- the active plugin ---------------------------------------------------------------------
-def _settle_watchdog() -> None:
-    """Wait until the loop watchdog has reported the steps that were still running at the
-    end of the test. It measures a step from its own thread and reports it at its next poll
-    (up to a poll interval later), by which time the test may be over: its slow_callback
-    would then land in the next test. Only reads the watchdog's state, and only waits when a
-    step was being timed; bounded by two poll intervals."""
+def _settle_watchdog(*, thorough: bool) -> None:
+    """Wait until the loop watchdog has reported the steps that ran during the test.
+
+    It times steps from its own thread and reports a slow one at its next poll (and on a
+    busy machine that thread may run late), by which time the test may be over: the
+    slow_callback would land in the next test. Cheap mode waits only while a step is being
+    timed (free otherwise). Thorough mode, used when slow_callback fails tests, waits until
+    the watchdog has looked at every loop since now: about one poll interval per test that
+    used a loop. Only reads the watchdog's state; bounded by two poll intervals."""
     watchdog_module = sys.modules.get("asyncdiag._watchdog")
     watchdog = getattr(watchdog_module, "_MONITOR", None)
     if watchdog is None:
         return
     try:
-        poll = float(watchdog.settings.poll)
-        deadline = time.monotonic() + 2 * poll + 0.05
-        if not any(state.stall is not None for state in watchdog.states()):
+        now = watchdog_module._monotonic()  # type: ignore[union-attr]
+        deadline = time.monotonic() + 2 * float(watchdog.settings.poll) + 0.05
+        thread = watchdog.thread
+        if thread is None or not thread.is_alive():
             return
-        while any(state.stall is not None for state in watchdog.states()):
+        if thorough:
+            # A state's last_poll is written after the watchdog handled it (reported its
+            # finished step); a closed loop's state is dropped after its last step.
+            def pending() -> bool:
+                return any(state.last_poll < now for state in watchdog.states())
+        else:
+            def pending() -> bool:
+                return any(state.stall is not None for state in watchdog.states())
+
+            if not pending():
+                return
+        while pending():
             if time.monotonic() > deadline:
                 return
             time.sleep(0.001)
-        # The round that ended the stall reports right after clearing it; the next round's
-        # start proves that report was made.
-        polls = watchdog._polls
-        while watchdog._polls == polls and time.monotonic() < deadline:
-            time.sleep(0.001)
+        if not thorough:
+            # The round that ended the stall reports right after clearing it; the next
+            # round's start proves that report was made.
+            polls = watchdog._polls
+            while watchdog._polls == polls and time.monotonic() < deadline:
+                time.sleep(0.001)
     except Exception:  # the watchdog's internals changed: attribution is then best effort
         return
 
@@ -414,6 +430,7 @@ class AsyncdiagPlugin:
             raise pytest.UsageError(str(exc)) from None
         self.install_kwargs = self._install_kwargs(config)
         self.gc_collect = bool(config.getini("asyncdiag_gc_collect"))
+        self.thorough_settle = _names.SLOW_CALLBACK in self.fail_on
         self._lock = threading.Lock()
         self._window: _Window | None = None
         self._last_nodeid: str | None = None
@@ -601,6 +618,7 @@ class AsyncdiagPlugin:
         finally:
             if self._window is not None:
                 self._collect_garbage()
+                _settle_watchdog(thorough=self.thorough_settle)
 
     # Outermost, so the collection runs after every fixture and other wrapper has finished.
     @pytest.hookimpl(wrapper=True, tryfirst=True)
@@ -612,7 +630,7 @@ class AsyncdiagPlugin:
         finally:
             if self._window is not None:
                 self._collect_garbage()
-                _settle_watchdog()
+                _settle_watchdog(thorough=self.thorough_settle)
                 self._freeze_survivors()
                 if not self.every_test:
                     self._uninstall_if_ours()
