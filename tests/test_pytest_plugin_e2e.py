@@ -356,3 +356,29 @@ def test_slow_step_at_the_end_of_a_test_is_charged_to_that_test(
     result = _run(pytester, "--asyncdiag")
     result.assert_outcomes(passed=1, failed=1)
     result.stdout.fnmatch_lines(["FAILED test_inner.py::test_slow - asyncdiag: slow_callback*"])
+
+
+def test_ini_instrument_targets_find_swallowed_exceptions(pytester: pytest.Pytester) -> None:
+    # The class is not decorated: the ini option names it, and the agent (installed before
+    # collection) patches it when the test module imports it.
+    pytester.makepyfile(pool=textwrap.dedent("""
+        class Pool:
+            async def __aenter__(self):
+                return self
+
+            async def __aexit__(self, *exc_info):
+                return True
+    """))
+    _setup(pytester, """
+        from pool import Pool
+
+        async def use():
+            async with Pool():
+                raise KeyError("lost")
+
+        def test_swallows():
+            asyncio.run(use())
+    """, ini="asyncdiag_instrument = pool:Pool")
+    result = _run(pytester, "--asyncdiag")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["asyncdiag: swallowed_exception at test_inner.py:*"])
