@@ -94,6 +94,10 @@ class Site:
 class Runtime:
     """Shared by every wrapper while the agent is installed (``RUNTIME`` is None otherwise)."""
 
+    # Slots: the wrappers read these on every operation.
+    __slots__ = ("iterations", "mode", "mode_final", "open", "pending_detach", "slow_teardown",
+                 "telemetry", "tracer", "tracing")
+
     def __init__(self, telemetry: Any, slow_teardown: float) -> None:
         self.telemetry = telemetry
         self.slow_teardown = slow_teardown
