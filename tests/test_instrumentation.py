@@ -1152,3 +1152,43 @@ asyncdiag.install(instrument=[__name__ + ":Forgiving", __name__ + ".*"], exporte
     assert kinds() == [_names.SWALLOWED_EXCEPTION]
     assert hasattr(mod.SlowClose.__aexit__, "__asyncdiag_instrumented__")
     assert not [r for r in caplog.records if "no attribute" in r.getMessage()]
+
+
+def test_parent_based_sampling_is_followed_without_asking_the_sdk(
+    loop_factory: Callable[[], asyncio.AbstractEventLoop], modules: Modules,
+) -> None:
+    from opentelemetry import context, trace
+    from opentelemetry.sdk.trace.sampling import ParentBased
+    from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
+
+    otel = Otel()
+    otel.tracer_provider = TracerProvider(sampler=ParentBased(ALWAYS_OFF))
+    otel.tracer_provider.add_span_processor(SimpleSpanProcessor(otel.spans))
+    try:
+        name = modules.write(NESTING)
+        otel.install(f"{name}:Outer")
+        mod = importlib.import_module(name)
+        assert _proxies.RUNTIME is not None and _proxies.RUNTIME.mode == 1  # FOLLOW_PARENT
+
+        def remote_parent(sampled: bool) -> Any:
+            flags = TraceFlags(TraceFlags.SAMPLED if sampled else TraceFlags.DEFAULT)
+            parent = SpanContext(0x1234, 0x5678, is_remote=True, trace_flags=flags)
+            return trace.set_span_in_context(NonRecordingSpan(parent))
+
+        async def main() -> None:
+            async with mod.Outer():  # no parent: the root sampler drops it
+                pass
+            for sampled in (False, True):
+                token = context.attach(remote_parent(sampled))
+                try:
+                    async with mod.Outer():
+                        pass
+                finally:
+                    context.detach(token)
+
+        run_on(loop_factory, main())
+        [span] = otel.finished("async with Outer")
+        assert span.parent.span_id == 0x5678 and span.context.trace_id == 0x1234
+    finally:
+        asyncdiag.uninstall()
+        otel.shutdown()
