@@ -382,3 +382,22 @@ def test_ini_instrument_targets_find_swallowed_exceptions(pytester: pytest.Pytes
     result = _run(pytester, "--asyncdiag")
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["asyncdiag: swallowed_exception at test_inner.py:*"])
+
+
+def test_pytest_xdist_with_markers_only(pytester: pytest.Pytester) -> None:
+    pytest.importorskip("xdist")
+    _setup(pytester, """
+        def test_unchecked():
+            asyncio.run(orphan_generator())
+
+        @pytest.mark.asyncdiag
+        def test_checked():
+            asyncio.run(orphan_generator())
+    """)
+    result = _run(pytester, "-n", "2")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines([
+        "*= asyncdiag =*",
+        "1 test(s) failed because of async mistakes:",
+        "  test_inner.py::test_checked",
+    ])

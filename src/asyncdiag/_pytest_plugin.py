@@ -12,6 +12,14 @@ window, so an orphaned generator or a forgotten coroutine is charged to the test
 it rather than to whichever later test the collector happens to run in. Findings of the call
 (and setup) fail the test; findings that only appear while its fixtures are torn down fail
 its teardown, as any fixture error does.
+
+Two details keep that cheap and exact. After each test, what is still alive is moved to the
+permanent GC generation (``gc.freeze``), so the next test's collections walk only what it
+allocated. And before judging, the plugin lets the loop watchdog thread report the steps it
+was still timing (it reports at its next poll, possibly after the test returned).
+
+The terminal summary is built from the test reports' user properties (also written to
+JUnit XML), so that under pytest-xdist the controller can summarize what the workers found.
 """
 
 from __future__ import annotations
@@ -115,6 +123,10 @@ def pytest_configure(config: pytest.Config) -> None:
     )
     if _enabled_for_session(config):
         config.pluginmanager.register(AsyncdiagPlugin(config, every_test=True), PLUGIN_NAME)
+    elif _is_xdist_controller(config):
+        # Workers may check @pytest.mark.asyncdiag tests that the controller never collects:
+        # it only gathers their results for the summary (and installs nothing).
+        config.pluginmanager.register(AsyncdiagPlugin(config, every_test=False), PLUGIN_NAME)
 
 
 def pytest_collection_modifyitems(
@@ -124,6 +136,10 @@ def pytest_collection_modifyitems(
         return
     if any(item.get_closest_marker(MARKER) is not None for item in items):
         config.pluginmanager.register(AsyncdiagPlugin(config, every_test=False), PLUGIN_NAME)
+
+
+def _is_xdist_controller(config: pytest.Config) -> bool:
+    return getattr(config.option, "dist", "no") != "no" and not hasattr(config, "workerinput")
 
 
 def _enabled_for_session(config: pytest.Config) -> bool:
@@ -447,8 +463,7 @@ class AsyncdiagPlugin:
         # Outside any test: this process's, and the lines xdist workers sent back.
         self.remote_outside: list[tuple[str, bool]] = []
         # An xdist controller runs no tests: it only gathers the workers' results.
-        self.controller = (getattr(config.option, "dist", "no") != "no"
-                           and not hasattr(config, "workerinput"))
+        self.controller = _is_xdist_controller(config)
         self.outside: dict[tuple[str, str], _Listed] = {}
         self.failed_tests: list[str] = []
 
