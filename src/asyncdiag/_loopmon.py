@@ -44,6 +44,7 @@ class LoopMonitor:
         )
         self.watchdog = _watchdog.Watchdog(settings, per_loop=self._check_loop)
         _watchdog.set_current(self.watchdog)
+        self.watchdog.start()
         self._warnings = AsyncioWarnings(self._exact_slow_step if config.debug else None)
         self._warnings.start(debug=config.debug)
         telemetry.add_task_count_source(self._task_counts)

@@ -27,6 +27,7 @@ weakly; a closed or collected loop is dropped, and the thread exits when no loop
 from __future__ import annotations
 
 import asyncio
+import asyncio.base_events
 import collections
 import contextvars
 import logging
@@ -240,6 +241,10 @@ class Watchdog:
         self._thread: threading.Thread | None = None
         self._wake = threading.Event()
         self._stopping = False
+        self._had_loops = False
+        # Set when this round did something that may release the GIL (file I/O, logging): the
+        # frames sampled at the start of the round may then be out of date.
+        self._gil_released = False
         self._empty_context = contextvars.Context()
 
     # -- registry ---------------------------------------------------------------------------
@@ -250,14 +255,26 @@ class Watchdog:
             if state is None or state.loop_ref() is not loop:
                 state = LoopState(loop, thread_id)
                 self._states[key] = state
+                self._had_loops = True
+                self._wake.set()  # a thread started ahead, waiting for its first loop
             elif thread_id is not None:
                 state.thread_id = thread_id
-            if not self._stopping and (self._thread is None or not self._thread.is_alive()):
-                self._thread = threading.Thread(
-                    target=self._run, name="asyncdiag-watchdog", daemon=True
-                )
-                self._thread.start()
+            self._ensure_thread()
             return state
+
+    def start(self) -> None:
+        """Start the thread ahead of the first loop (from ``install()``, normally not on a
+        loop thread): ``Thread.start()`` waits for the new thread to boot, a wait better not
+        spent inside a loop's first step. It waits idle until a loop is watched."""
+        with self._lock:
+            self._ensure_thread()
+
+    def _ensure_thread(self) -> None:
+        if not self._stopping and (self._thread is None or not self._thread.is_alive()):
+            self._thread = threading.Thread(
+                target=self._run, name="asyncdiag-watchdog", daemon=True
+            )
+            self._thread.start()
 
     def state_for(self, loop: asyncio.AbstractEventLoop) -> LoopState | None:
         state = self._states.get(id(loop))
@@ -289,28 +306,35 @@ class Watchdog:
             if _safety.is_disabled("loop watchdog"):
                 break
             try:
-                if not self._poll_all():
-                    break
+                outcome = self._poll_all()
             except Exception as exc:
                 _safety.hook_failed("loop watchdog", exc)
                 break
-            self._wake.wait(poll)
+            if outcome == "done":
+                break
+            if outcome == "idle":
+                self._wake.wait()
+            else:
+                self._wake.wait(poll)
+            if not self._stopping:
+                self._wake.clear()
         with self._lock:
             if self._thread is threading.current_thread():
                 self._thread = None
 
-    def _poll_all(self) -> bool:
-        """One round over every loop. Returns False when there is nothing left to watch."""
+    def _poll_all(self) -> str:
+        """One round over every loop: "polled", "idle" (no loop yet: wait for one) or "done"
+        (every watched loop is gone: the thread ends with them)."""
         with self._lock:
             items = list(self._states.items())
-        if not items:
-            with self._lock:
-                if self._states:
-                    return True
+            if not items:
+                if not self._had_loops:
+                    return "idle"
                 # Decided under the lock so that watch() starts a new thread if a loop arrives.
                 self._thread = None
-            return False
+                return "done"
         frames = sys._current_frames()
+        self._gil_released = False
         now = _monotonic()
         self._polls += 1
         check = self._per_loop is not None and self._polls % _CHECK_EVERY == 0
@@ -329,7 +353,7 @@ class Watchdog:
             if check and self._per_loop is not None:
                 self._per_loop(loop)
         del frames
-        return True
+        return "polled"
 
     def _poll(
         self,
@@ -367,6 +391,7 @@ class Watchdog:
         if pending and identity is not None and top is not None and entry is not None and (
             state.stall is not None or now - start >= self._sample_after
         ):
+            self._gil_released = True  # schedstat reads, reports
             stall = state.stall
             if stall is None:
                 stall = self._new_stall(loop, task, entry, identity, start, state.pending_seq)
@@ -388,8 +413,18 @@ class Watchdog:
             state.pending_seq += 1
             state.posted_at = _monotonic()
             try:
-                loop.call_soon_threadsafe(state.beat, state.pending_seq,
-                                          context=self._empty_context)
+                call_soon_quietly = getattr(loop, "_call_soon", None)
+                if identity is not None and not self._gil_released and \
+                        call_soon_quietly is not None and \
+                        isinstance(loop, asyncio.base_events.BaseEventLoop):
+                    # The loop thread is inside a step (sampled under the GIL we still hold):
+                    # its next iteration sees a non-empty ready queue and does not wait in
+                    # select(), so the beat needs no wake-up. Skipping call_soon_threadsafe's
+                    # self-pipe write spares a syscall and a GIL hand-off per poll.
+                    call_soon_quietly(state.beat, (state.pending_seq,), self._empty_context)
+                else:
+                    loop.call_soon_threadsafe(state.beat, state.pending_seq,
+                                              context=self._empty_context)
             except RuntimeError:  # closed between the check and the call
                 state.pending_seq = state.ran_seq
 
@@ -454,6 +489,7 @@ class Watchdog:
         stall = state.stall
         if stall is None:
             return
+        self._gil_released = True
         state.stall = None
         # The beat pending during the stall runs right after the step (and the rest of its
         # batch); without it, the step ended between the last poll and this one.
