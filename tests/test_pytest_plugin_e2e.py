@@ -6,8 +6,16 @@ from __future__ import annotations
 import textwrap
 
 import pytest
+import wrapt
 
 from asyncdiag import _lifecycle
+
+# pytester's in-process runs restore sys.meta_path afterwards. wrapt inserts its import-hook
+# finder once per process, the first time a post-import hook is registered: if that happened
+# inside an inner session, the finder would be gone for the rest of this process and every
+# later instrument target would silently stay unpatched. Registering here puts it in place
+# before any inner session.
+wrapt.register_post_import_hook(lambda module: None, "asyncdiag_tests_never_imported")
 
 INI = """
 [pytest]
