@@ -531,3 +531,30 @@ def test_first_step_of_a_run_blocking_at_once(loop_factory: LoopFactory) -> None
     run_on(loop_factory, main())
     (finding,) = slow_findings_settled()
     assert finding.location == f"{HERE}:{line_of('BLOCKING-FIRST-STEP')}"
+
+
+def test_same_loop_run_again_from_another_call_site(loop_factory: LoopFactory) -> None:
+    install()
+
+    async def first() -> None:
+        await asyncio.sleep(0.03)
+
+    async def second() -> None:
+        await asyncio.sleep(0.03)
+        time.sleep(BLOCK)  # BLOCKING-SECOND-RUN
+        await asyncio.sleep(0.03)
+
+    loop = loop_factory()
+    asyncio.set_event_loop(loop)
+    try:
+        loop.run_until_complete(first())
+
+        def run_again() -> None:  # a different frame runs the loop this time
+            loop.run_until_complete(second())
+
+        run_again()
+    finally:
+        asyncio.set_event_loop(None)
+        loop.close()
+    (finding,) = slow_findings_settled()
+    assert finding.location == f"{HERE}:{line_of('BLOCKING-SECOND-RUN')}"
