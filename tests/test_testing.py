@@ -256,6 +256,24 @@ def test_spans_are_teed_from_an_agent_with_an_sdk_tracer_provider() -> None:
     assert len(theirs.get_finished_spans()) == 2, "the application's exporter still gets them"
     asyncio.run(_use_instrumented())
     assert len(captured.spans) == 2 and len(theirs.get_finished_spans()) == 4
+    agent = _lifecycle.current()
+    assert agent is not None
+    assert agent.telemetry._bound_provider is meters, "the agent's own provider is put back"
     asyncdiag.uninstall()
     provider.shutdown()
     meters.shutdown()
+
+
+def test_a_reused_agent_does_not_keep_each_captures_providers_alive() -> None:
+    import gc
+    import weakref
+
+    asyncdiag.install(exporter="none")
+    with asyncdiag.testing.capture() as captured:
+        asyncio.run(_use_instrumented())
+    _assert_instrumented_telemetry(captured)
+    provider = weakref.ref(captured._meter_provider)
+    reader = weakref.ref(captured._metric_reader)
+    del captured
+    gc.collect()
+    assert provider() is None and reader() is None

@@ -116,6 +116,15 @@ def _new_span_tee() -> _SpanTee:
     return SpanTee()
 
 
+def _forget_reader_patches(telemetry: Any, reader: Any) -> None:
+    """The agent keeps a record of each reader it hooked, to unhook it at uninstall; this
+    capture's reader is thrown away now, so drop its records rather than keep the reader and
+    its provider alive until the agent is uninstalled (a session of captures would pile up)."""
+    patches = getattr(getattr(telemetry, "_patcher", None), "_patches", None)
+    if isinstance(patches, list):
+        patches[:] = [p for p in patches if getattr(p, "owner", None) is not reader]
+
+
 def _retarget_tracer(telemetry: Any, tracer: Any) -> Callable[[], None]:
     """Point the agent's tracer, and the instrumentation's copy of it (kept, with its sampling
     decision, for the hot path), at ``tracer``; returns the undo."""
@@ -338,7 +347,18 @@ class Capture:
             ours = provider.get_tracer("asyncdiag", __version__)
             self._undo.append(_retarget_tracer(telemetry, ours))
         telemetry_module._observable_instruments(meter_provider)
+        # Hooking our reader makes our provider the one the agent re-checks for new readers;
+        # the agent's own is put back when the block ends.
+        bound = getattr(telemetry, "_bound_provider", None)
         telemetry._bind_histograms(meter_provider)
+        reader = self._metric_reader
+
+        def unbind() -> None:
+            _forget_reader_patches(telemetry, reader)
+            if getattr(telemetry, "_bound_provider", None) is meter_provider:
+                telemetry._bound_provider = bound
+
+        self._undo.append(unbind)
 
     def _finish(self) -> None:
         if not self._active:
