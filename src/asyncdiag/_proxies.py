@@ -225,7 +225,8 @@ def _detach(rt: Runtime, record: _Open, task: Any) -> None:
     """Make the span's parent current again, in the Context that attached it, if that is the
     Context running now and the span is still on top; otherwise leave it for later (the
     next block entered or left in that Context unwinds it)."""
-    if _same_context(record, task) and otel_context.get_current() is record.ctx:
+    same = record.task is task if record.task is not None else _same_context(record, task)
+    if same and otel_context.get_current() is record.ctx:
         otel_context.detach(record.token)
         if rt.pending_detach:
             _unwind(rt, task)
@@ -410,7 +411,8 @@ def make_cm_methods(
         record = None
         if rt.tracing:
             try:
-                task = _current_task_fast()
+                loop = _get_running_loop()
+                task = _task_of(loop) if loop is not None else None
                 if rt.pending_detach:
                     _unwind(rt, task)
                 s = site if site is not None else self._self_site
