@@ -75,7 +75,7 @@ run_suite() {
     (cd "$src" && env "$@" "$venv/bin/python" -m pytest -q -p no:cacheprovider -o addopts="" \
         --junitxml="$work/$name.xml" tests >"$work/$name.log" 2>&1) || true
     ended=$(date +%s.%N)
-    printf '%-13s %6.2f s   %s\n' "$name" "$(echo "$ended - $started" | bc)" \
+    printf '%-13s %6.2f s   %s\n' "$name" "$("$venv/bin/python" -c "print($ended - $started)")" \
         "$(tail -n 1 "$work/$name.log")"
 }
 
