@@ -55,6 +55,7 @@ import wrapt
 from opentelemetry import trace
 
 from . import _findings, _names, _safety
+from ._frames import PACKAGE_DIR, PACKAGE_PROGRAMS
 from ._patching import Patcher
 
 if TYPE_CHECKING:
@@ -69,11 +70,9 @@ Hook = Callable[[AnyAsyncGen], object]
 # (amortised O(1) per generator), never below this size, and on the periodic tick.
 _MIN_PRUNE = 1024
 
-_HERE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_HERE = PACKAGE_DIR
 _ASYNCIO_DIR = os.path.dirname(os.path.abspath(asyncio.__file__)) + os.sep
 _CONTEXTLIB_FILE = os.path.abspath(contextlib.__file__)
-# Modules of the package that are programs, not machinery: their frames are the user's.
-_PACKAGE_PROGRAMS = frozenset({_HERE + "_demo.py"})
 
 _get_running_loop = asyncio.events._get_running_loop
 # 3.12+ has a C current_task; before, asyncio.current_task is Python around this C dict.
@@ -95,7 +94,7 @@ def _is_infrastructure(filename: str) -> bool:
     ``@asynccontextmanager`` generator is first iterated inside contextlib, on behalf of the
     user's ``async with`` line."""
     path = os.path.abspath(filename) if filename[:1] not in ("<", "") else filename
-    if path in _PACKAGE_PROGRAMS:
+    if path in PACKAGE_PROGRAMS:
         return False
     return path.startswith((_ASYNCIO_DIR, _HERE)) or path == _CONTEXTLIB_FILE
 

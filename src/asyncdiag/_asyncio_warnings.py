@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import re
 import sys
 import warnings
@@ -35,6 +34,7 @@ from types import FrameType, TracebackType
 from typing import Any
 
 from . import _findings, _names, _safety
+from ._frames import is_own_machinery
 from ._patching import Patcher
 
 logger = logging.getLogger("asyncdiag")
@@ -69,7 +69,6 @@ def subject_of(description: str) -> str:
     what = description.split(" at ", 1)[0]
     what = what.split(" ", 1)[-1]
     return what[:-2] if what.endswith("()") else what
-_OWN_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
 def _frame_line(filename: str, lineno: int | None, name: str) -> str:
@@ -319,7 +318,7 @@ def _report_unawaited(coro: Any, caller: FrameType | None) -> None:
         how = "created here"
     else:
         frame = caller
-        while frame is not None and frame.f_code.co_filename.startswith(_OWN_DIR):
+        while frame is not None and is_own_machinery(frame.f_code.co_filename):
             frame = frame.f_back
         location = f"{frame.f_code.co_filename}:{frame.f_lineno}" if frame is not None else None
         how = "dropped here (turn on debug mode to see where it was created)"
