@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import gc
+import inspect
 import os
 import sys
 import threading
@@ -268,7 +269,8 @@ def _display(finding: _findings.Finding, rootpath: Path) -> _findings.Finding:
 
 
 def format_failure(
-    findings: list[_findings.Finding], rootpath: Path, *, when: str
+    findings: list[_findings.Finding], rootpath: Path, *, when: str,
+    notes: list[str] | None = None,
 ) -> str:
     """The failure text of one test: the console summary of its findings, their stacks, and
     how to allow one."""
@@ -287,6 +289,7 @@ def format_failure(
             lines.append(f"{finding.kind} at {finding.location or '(location unknown)'}"
                          " (stack without pytest, pluggy, asyncio and asyncdiag frames):")
             lines.extend(_user_stack(finding.stack))
+    lines.extend(notes or ())
     example = shown[0]
     where = f', "{example.location}"' if example.location else ""
     lines.append(
@@ -335,14 +338,16 @@ def _settle_watchdog(*, thorough: bool) -> None:
     slow_callback would land in the next test. Cheap mode waits only while a step is being
     timed (free otherwise). Thorough mode, used when slow_callback fails tests, waits until
     the watchdog has looked at every loop since now: about one poll interval per test that
-    used a loop. Only reads the watchdog's state; bounded by two poll intervals."""
+    used a loop. Only reads the watchdog's state; bounded by two poll intervals and a second
+    of slack (a CPU-starved watchdog thread)."""
     watchdog_module = sys.modules.get("asyncdiag._watchdog")
     watchdog = getattr(watchdog_module, "_MONITOR", None)
     if watchdog is None:
         return
     try:
         now = watchdog_module._monotonic()  # type: ignore[union-attr]
-        deadline = time.monotonic() + 2 * float(watchdog.settings.poll) + 0.05
+        # Normally one poll interval; the slack is for a watchdog thread starved of CPU.
+        deadline = time.monotonic() + 2 * float(watchdog.settings.poll) + 1.0
         thread = watchdog.thread
         if thread is None or not thread.is_alive():
             return
@@ -452,6 +457,8 @@ class AsyncdiagPlugin:
         self._last_nodeid: str | None = None
         self._listening = False
         self._we_installed = False
+        self._items: list[pytest.Item] = []
+        self._code_index: dict[str, list[tuple[int, int, str]]] | None = None
         self._frozen = False
         self._tests_since_thaw = 0
         self._gc_collect = gc.collect
@@ -695,7 +702,8 @@ class AsyncdiagPlugin:
                                    _one_line(finding, self.rootpath))
         if not failing:
             return
-        text = format_failure(failing, self.rootpath, when=when)
+        text = format_failure(failing, self.rootpath, when=when,
+                              notes=self._other_test_notes(item, failing))
         if report.passed:
             report.outcome = "failed"
             report.longrepr = text
@@ -710,6 +718,54 @@ class AsyncdiagPlugin:
         # junitxml writes the properties of the teardown report, which copies the item's.
         report.user_properties.append((name, value))
         item.user_properties.append((name, value))
+
+    # -- findings made by another test's code -------------------------------------------
+    def pytest_collection_finish(self, session: pytest.Session) -> None:
+        self._items = list(session.items)
+
+    def _test_code_index(self) -> dict[str, list[tuple[int, int, str]]]:
+        """Test functions by file: (first line, last line, test name), built on first use."""
+        if self._code_index is not None:
+            return self._code_index
+        index: dict[str, list[tuple[int, int, str]]] = {}
+        seen: set[tuple[str, int]] = set()
+        for item in self._items:
+            code = getattr(inspect.unwrap(getattr(item, "obj", None) or (lambda: None)),
+                           "__code__", None)
+            if code is None or (code.co_filename, code.co_firstlineno) in seen:
+                continue
+            seen.add((code.co_filename, code.co_firstlineno))
+            lines = [line for _, _, line in code.co_lines() if line is not None]
+            name = item.nodeid.split("[", 1)[0]
+            index.setdefault(code.co_filename, []).append(
+                (code.co_firstlineno, max(lines, default=code.co_firstlineno), name))
+        self._code_index = index
+        return index
+
+    def _other_test_notes(
+        self, item: pytest.Item, findings: list[_findings.Finding]
+    ) -> list[str]:
+        """For a finding whose location is inside another test's function: that test made
+        the object (a generator, a coroutine, a task) that this one only released."""
+        own = item.nodeid.split("[", 1)[0]
+        notes = []
+        try:
+            for finding in _fold(findings):
+                path, sep, line = (finding.location or "").rpartition(":")
+                if not sep or not line.isdigit():
+                    continue
+                number = int(line)
+                for first, last, name in self._test_code_index().get(path, ()):
+                    if first <= number <= last and name != own:
+                        notes.append(
+                            f"note: {_relative_location(finding.location or '', self.rootpath)}"
+                            f" is in the code of {name}: that test made the object, and it "
+                            "was only finalized while this test ran"
+                        )
+                        break
+        except Exception:  # a hint only: never let it hide the findings themselves
+            return notes
+        return notes
 
     # -- report --------------------------------------------------------------------------
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
