@@ -150,15 +150,24 @@ def _enabled_for_session(config: pytest.Config) -> bool:
 
 
 # -- allow rules ---------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
+# Plain classes rather than dataclasses here: this module is imported by every pytest run of
+# the environment, and each dataclass costs milliseconds to create at import.
 class AllowRule:
     """``kind`` and ``where`` are fnmatch globs; ``where`` matches a finding's location
     (absolute, or relative to the rootdir) or its subject."""
 
-    kind: str
-    where: str | None
-    origin: str
-    reason: str | None = None
+    __slots__ = ("kind", "origin", "reason", "where")
+
+    def __init__(
+        self, kind: str, where: str | None, origin: str, reason: str | None = None
+    ) -> None:
+        self.kind = kind
+        self.where = where
+        self.origin = origin
+        self.reason = reason
+
+    def __repr__(self) -> str:
+        return f"AllowRule({self.kind!r}, {self.where!r}, {self.origin!r}, {self.reason!r})"
 
     def __str__(self) -> str:
         text = self.kind if self.where is None else f"{self.kind}:{self.where}"
@@ -216,7 +225,8 @@ def _marker_rules(item: pytest.Item) -> list[AllowRule]:
         first, *locations = marker.args
         if not locations and ":" in first:
             rule = parse_allow_line(first, origin)
-            rules.append(dataclasses.replace(rule, reason=reason))
+            rule.reason = reason
+            rules.append(rule)
             continue
         problem = _check_kind_glob(first)
         if problem:
@@ -407,13 +417,15 @@ def _fail_on(config: pytest.Config) -> frozenset[str]:
     return frozenset(kinds)
 
 
-@dataclasses.dataclass
 class _Window:
-    nodeid: str
-    # Raw occurrences (a capture() block claims them by identity), then, past the bound, a
-    # hot repeated mistake is folded by kind and location so memory stays bounded.
-    pending: list[_findings.Finding] = dataclasses.field(default_factory=list)
-    overflow: dict[tuple[str, str], _findings.Finding] = dataclasses.field(default_factory=dict)
+    __slots__ = ("nodeid", "overflow", "pending")
+
+    def __init__(self, nodeid: str) -> None:
+        self.nodeid = nodeid
+        # Raw occurrences (a capture() block claims them by identity), then, past the bound,
+        # a hot repeated mistake is folded by kind and location so memory stays bounded.
+        self.pending: list[_findings.Finding] = []
+        self.overflow: dict[tuple[str, str], _findings.Finding] = {}
 
     def add(self, finding: _findings.Finding) -> None:
         if len(self.pending) < _MAX_RAW_PER_TEST:
@@ -427,11 +439,12 @@ class _Window:
         return taken
 
 
-@dataclasses.dataclass
 class _Listed:
-    nodeid: str | None
-    finding: _findings.Finding
-    why: str
+    __slots__ = ("finding", "why")
+
+    def __init__(self, finding: _findings.Finding, why: str) -> None:
+        self.finding = finding
+        self.why = why
 
 
 class AsyncdiagPlugin:
@@ -534,7 +547,7 @@ class AsyncdiagPlugin:
                 previous.finding = _folded(previous.finding, finding)
             else:
                 where = f"after {self._last_nodeid}" if self._last_nodeid else "before any test"
-                self.outside[finding.key] = _Listed(None, finding, where)
+                self.outside[finding.key] = _Listed(finding, where)
 
     def _collect_garbage(self) -> None:
         if self.gc_collect:
