@@ -763,3 +763,37 @@ def test_instrumented_generator_is_reported_once_at_the_users_lines(
     assert finding.location == f"{__file__}:{lines[0]}"
     assert f"defined at {__file__}:{definition}" in finding.message
     assert cleanups == ["pages"]
+
+
+def test_identical_modules_in_two_directories_get_their_own_locations(
+    tmp_path: Any, loop_factory: LoopFactory
+) -> None:
+    """Code objects compare equal across files (equality ignores co_filename): a cache keyed
+    by code alone named the first directory's file for the second's orphan."""
+    import importlib.util
+
+    source = (
+        "async def numbers():\n"
+        "    yield 1\n"
+        "    yield 2\n"
+        "\n"
+        "async def leave_open():\n"
+        "    async for _ in numbers():\n"
+        "        break\n"
+    )
+    asyncdiag.install(exporter="none")
+    paths = []
+    for name in ("one", "two"):
+        directory = tmp_path / name
+        directory.mkdir()
+        path = directory / "same_module.py"
+        path.write_text(source)
+        spec = importlib.util.spec_from_file_location(f"same_module_{name}", path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        run_on(loop_factory, module.leave_open())
+        gc.collect()
+        paths.append(str(path))
+    locations = {f.location for f in asyncdiag.findings() if f.kind == "orphaned_asyncgen"}
+    assert locations == {f"{paths[0]}:6", f"{paths[1]}:6"}

@@ -3,6 +3,7 @@ fail the test that made them (pytester, inner sessions in this process)."""
 
 from __future__ import annotations
 
+import gc
 import textwrap
 
 import pytest
@@ -134,6 +135,10 @@ def _run(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
 
 
 def _setup(pytester: pytest.Pytester, tests: str, ini: str = "") -> None:
+    # Garbage left by an earlier in-process session (e.g. its orphaned generators, in reference
+    # cycles) must be collected before this session starts, or it is charged to this one.
+    gc.unfreeze()
+    gc.collect()
     pytester.makeini(INI.format(extra=ini))
     pytester.makepyfile(mistakes=MISTAKES)
     pytester.makepyfile(test_inner="from mistakes import *\nfrom asyncdiag import _lifecycle\n"

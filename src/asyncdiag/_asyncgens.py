@@ -137,14 +137,16 @@ def _line_of(code: CodeType, lasti: int) -> int:
 # A hot orphaning site repeats the same (code, offset) and the same generator function:
 # their text is computed once. Bounded: cleared when full (code objects are kept alive).
 _TEXT_CACHE_SIZE = 2048
-_locations: dict[tuple[CodeType, int], str] = {}
-_subjects: dict[tuple[CodeType, str], tuple[str, str]] = {}
+_locations: dict[tuple[CodeType, str, int], str] = {}
+_subjects: dict[tuple[CodeType, str, str], tuple[str, str]] = {}
 
 
 def _location(code: CodeType | None, lasti: int) -> str | None:
     if code is None:
         return None
-    key = (code, lasti)
+    # Code objects compare equal across files (their equality ignores co_filename): the same
+    # module loaded from two directories must not share a cached location.
+    key = (code, code.co_filename, lasti)
     text = _locations.get(key)
     if text is None:
         if len(_locations) >= _TEXT_CACHE_SIZE:
@@ -157,7 +159,7 @@ def _subject(agen: AnyAsyncGen) -> tuple[str, str]:
     """The generator function's qualified name, and where it is defined."""
     code = agen.ag_code
     qualname = agen.__qualname__
-    key = (code, qualname)
+    key = (code, code.co_filename, qualname)
     found = _subjects.get(key)
     if found is None:
         defined = code
