@@ -558,3 +558,21 @@ def test_same_loop_run_again_from_another_call_site(loop_factory: LoopFactory) -
         loop.close()
     (finding,) = slow_findings_settled()
     assert finding.location == f"{HERE}:{line_of('BLOCKING-SECOND-RUN')}"
+
+
+def test_last_slow_step_of_a_run_is_in_findings_right_after_the_run(
+    loop_factory: Callable[[], asyncio.AbstractEventLoop],
+) -> None:
+    """The watchdog judges a step at its next poll; findings() must not race it when read
+    right after the run ended (the step that blocks is the last one of the run)."""
+    asyncdiag.install(exporter="none", slow_callback_duration=0.05, blocked_threshold=5.0)
+
+    async def main() -> None:
+        time.sleep(0.12)
+        await asyncio.sleep(0)
+        time.sleep(0.12)  # the last step: the run ends right after it
+
+    run_on(loop_factory, main())
+    lines = sorted(f.location or "" for f in asyncdiag.findings() if f.kind == "slow_callback")
+    assert len(lines) == 2, lines
+    assert all(__file__ in line for line in lines)

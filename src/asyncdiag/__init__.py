@@ -31,9 +31,20 @@ T = TypeVar("T")
 
 
 def findings() -> list[Finding]:
-    """Every finding so far, folded by kind and location, oldest first."""
+    """Every finding so far, folded by kind and location, oldest first.
+
+    Called outside a running event loop, it first lets the loop watchdog finish judging a
+    step it was still timing (at most a few tens of milliseconds), so that a slow step that
+    ended just before, e.g. the last one of an ``asyncio.run``, is included."""
+    import asyncio
+    import sys
+
     from ._findings import STORE
 
+    watchdog_module = sys.modules.get("asyncdiag._watchdog")
+    watchdog = getattr(watchdog_module, "_MONITOR", None)
+    if watchdog is not None and asyncio._get_running_loop() is None:
+        watchdog.settle()
     return STORE.snapshot()
 
 

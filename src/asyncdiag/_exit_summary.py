@@ -46,6 +46,10 @@ class ExitSummary:
 
     def _at_exit(self) -> None:
         agent = self._agent
+        watchdog = getattr(agent.component("loop monitor"), "watchdog", None) if agent else None
+        if watchdog is not None:
+            # The program's last slow step may end just before exit: let it be judged.
+            watchdog.settle(thorough=True)
         print_summary(saw_event_loop=agent is not None and agent.loops.seen_any)
 
     def stop(self) -> None:

@@ -31,7 +31,6 @@ import inspect
 import os
 import sys
 import threading
-import time
 from collections.abc import Generator, Iterable
 from pathlib import Path
 from typing import Any
@@ -341,50 +340,13 @@ def _one_line(finding: _findings.Finding, rootpath: Path) -> str:
 
 # -- the active plugin ---------------------------------------------------------------------
 def _settle_watchdog(*, thorough: bool) -> None:
-    """Wait until the loop watchdog has reported the steps that ran during the test.
-
-    It times steps from its own thread and reports a slow one at its next poll (and on a
-    busy machine that thread may run late), by which time the test may be over: the
-    slow_callback would land in the next test. Cheap mode waits only while a step is being
-    timed (free otherwise). Thorough mode, used when slow_callback fails tests, waits until
-    the watchdog has looked at every loop since now: about one poll interval per test that
-    used a loop. Only reads the watchdog's state; bounded by two poll intervals and a second
-    of slack (a CPU-starved watchdog thread)."""
+    """Wait until the loop watchdog has reported the steps that ran during the test, so that a
+    slow_callback does not land in the next test. Cheap mode waits only while a step is being
+    timed; thorough mode (used when slow_callback fails tests) waits for a poll of every loop."""
     watchdog_module = sys.modules.get("asyncdiag._watchdog")
     watchdog = getattr(watchdog_module, "_MONITOR", None)
-    if watchdog is None:
-        return
-    try:
-        now = watchdog_module._monotonic()  # type: ignore[union-attr]
-        # Normally one poll interval; the slack is for a watchdog thread starved of CPU.
-        deadline = time.monotonic() + 2 * float(watchdog.settings.poll) + 1.0
-        thread = watchdog.thread
-        if thread is None or not thread.is_alive():
-            return
-        if thorough:
-            # A state's last_poll is written after the watchdog handled it (reported its
-            # finished step); a closed loop's state is dropped after its last step.
-            def pending() -> bool:
-                return any(state.last_poll < now for state in watchdog.states())
-        else:
-            def pending() -> bool:
-                return any(state.stall is not None for state in watchdog.states())
-
-            if not pending():
-                return
-        while pending():
-            if time.monotonic() > deadline:
-                return
-            time.sleep(0.001)
-        if not thorough:
-            # The round that ended the stall reports right after clearing it; the next
-            # round's start proves that report was made.
-            polls = watchdog._polls
-            while watchdog._polls == polls and time.monotonic() < deadline:
-                time.sleep(0.001)
-    except Exception:  # the watchdog's internals changed: attribution is then best effort
-        return
-
+    if watchdog is not None:
+        watchdog.settle(thorough=thorough)
 
 
 def _milliseconds(config: pytest.Config, option: str | None, ini: str) -> float | None:

@@ -239,6 +239,9 @@ class Watchdog:
         self._states: dict[int, LoopState] = {}
         self._thread: threading.Thread | None = None
         self._wake = threading.Event()
+        # Completed polling rounds, for settle(): notified at the end of every round.
+        self._rounds = 0
+        self._round_done = threading.Condition(threading.Lock())
         self._stopping = False
         self._had_loops = False
         # Set when this round did something that may release the GIL (file I/O, logging): the
@@ -289,6 +292,28 @@ class Watchdog:
     def thread(self) -> threading.Thread | None:
         return self._thread
 
+    def settle(self, *, thorough: bool = False, slack: float = 1.0) -> None:
+        """Return once the steps that ended before this call have been judged (a slow one
+        reported). The watchdog reports a slow step at its first poll after the step ended, so
+        a caller that reads findings right after ``asyncio.run`` returned would otherwise race
+        it. Cheap mode returns at once unless a step is being timed; thorough mode also waits
+        for a poll of every loop. Bounded by two polls plus ``slack`` (a starved watchdog);
+        a no-op on the watchdog thread or when it is not running."""
+        thread = self._thread
+        if thread is None or not thread.is_alive() or thread is threading.current_thread():
+            return
+        if not thorough and not any(state.stall is not None for state in self.states()):
+            return
+        with self._round_done:
+            # The round under way may have sampled the frames before the step ended: wait for
+            # the end of the one after it.
+            target = self._rounds + 2
+            self._wake.set()
+            self._round_done.wait_for(
+                lambda: self._rounds >= target or self._thread is not thread,
+                timeout=2 * self.settings.poll + slack,
+            )
+
     def stop(self) -> None:
         with self._lock:
             self._stopping = True
@@ -300,6 +325,13 @@ class Watchdog:
 
     # -- the thread -------------------------------------------------------------------------
     def _run(self) -> None:
+        try:
+            self._run_rounds()
+        finally:
+            with self._round_done:
+                self._round_done.notify_all()
+
+    def _run_rounds(self) -> None:
         poll = self.settings.poll
         while not self._stopping:
             if _safety.is_disabled("loop watchdog"):
@@ -309,6 +341,9 @@ class Watchdog:
             except Exception as exc:
                 _safety.hook_failed("loop watchdog", exc)
                 break
+            with self._round_done:
+                self._rounds += 1
+                self._round_done.notify_all()
             if outcome == "done":
                 break
             if outcome == "idle":
