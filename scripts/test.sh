@@ -31,6 +31,11 @@ pip_install() {
     "$venv/bin/python" -m pip install -q "$@" 2> >(grep -v "is ignored: it is neither" >&2)
 }
 
+if [[ "${1:-}" == "--which" ]]; then  # print the interpreter a version resolves to
+    find_python "$2"
+    exit
+fi
+
 versions=("$@")
 [[ ${#versions[@]} -eq 0 ]] && versions=(python3)
 
