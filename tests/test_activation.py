@@ -224,3 +224,20 @@ def test_exit_summary_is_silent_for_processes_without_event_loops() -> None:
     with_loop = run_python("import asyncio; asyncio.run(asyncio.sleep(0))",
                            ASYNCDIAG_ENABLED="1", ASYNCDIAG_EXPORTER="console")
     assert "asyncdiag: no async mistakes found." in with_loop.stderr
+
+
+def test_pytest_run_under_the_agent_gets_no_extra_warning(tmp_path: Path) -> None:
+    """The package is imported at start-up (.pth) and also ships a pytest11 plugin: pytest
+    must not warn that it cannot rewrite it (that warning fails suites run with -W error)."""
+    (tmp_path / "test_plain.py").write_text("def test_ok():\n    pass\n")
+    (tmp_path / "pytest.ini").write_text(
+        "[pytest]\nasyncio_default_fixture_loop_scope = function\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "error",
+         str(tmp_path)],
+        env=clean_env(ASYNCDIAG_ENABLED="1", ASYNCDIAG_EXPORTER="none"),
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "1 passed" in result.stdout
+    assert "warning" not in result.stdout.lower()

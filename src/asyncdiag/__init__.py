@@ -5,6 +5,11 @@ resource behaviour to OpenTelemetry.
     asyncdiag.install()
 
 The public API is this module's ``__all__``; everything in underscore modules is private.
+
+PYTEST_DONT_REWRITE: the package ships a pytest plugin, so pytest would mark it for assertion
+rewriting and warn "Module already imported so cannot be rewritten" in every test run started
+with ASYNCDIAG_ENABLED=1 (the agent imports the package at interpreter start-up). It has no
+assertions to rewrite.
 """
 
 from __future__ import annotations
