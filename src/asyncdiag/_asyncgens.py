@@ -562,18 +562,11 @@ class AsyncgenTracker:
             # Untracked (first iterated before install), or only an ``__anext__()`` /
             # ``aclose()`` awaitable was made and dropped: the body never ran.
             return
-        _, _, code, lasti, task = entry
-        subject, defined = _subject(agen)
-        _findings.report(
-            _names.ORPHANED_ASYNCGEN,
-            f"async generator {subject} (defined at {defined}) was garbage-collected "
-            "before it finished and was never closed, so its cleanup (finally blocks, async "
-            "with exits) runs late, outside the task that used it, or never; close it with "
-            "aclose() or iterate it under contextlib.aclosing()",
-            subject,
-            location=_location(code, lasti),
-            task=task,
-            span=_no_span(),
+        _report_orphan(
+            agen, entry,
+            "was garbage-collected before it finished and was never closed, so its cleanup "
+            "(finally blocks, async with exits) runs late, outside the task that used it, or "
+            "never",
         )
 
     def _report_alive_at_shutdown(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -591,19 +584,26 @@ class AsyncgenTracker:
                 continue
             if registry.pop(key, None) is None:
                 continue
-            _, _, code, lasti, task = entry
-            subject, defined = _subject(agen)
-            _findings.report(
-                _names.ORPHANED_ASYNCGEN,
-                f"async generator {subject} (defined at {defined}) was still open "
-                "when the event loop shut down: it was closed by loop.shutdown_asyncgens(), "
-                "not by the program, so its cleanup ran late, outside the task that used it; "
-                "close it with aclose() or iterate it under contextlib.aclosing()",
-                subject,
-                location=_location(code, lasti),
-                task=task,
-                span=_no_span(),
+            _report_orphan(
+                agen, entry,
+                "was still open when the event loop shut down: it was closed by "
+                "loop.shutdown_asyncgens(), not by the program, so its cleanup ran late, "
+                "outside the task that used it",
             )
+
+
+def _report_orphan(agen: AnyAsyncGen, entry: Entry, what_happened: str) -> None:
+    _, _, code, lasti, task = entry
+    subject, defined = _subject(agen)
+    _findings.report(
+        _names.ORPHANED_ASYNCGEN,
+        f"async generator {subject} (defined at {defined}) {what_happened}; close it with "
+        "aclose() or iterate it under contextlib.aclosing()",
+        subject,
+        location=_location(code, lasti),
+        task=task,
+        span=_no_span(),
+    )
 
 
 def _no_span() -> Any:
