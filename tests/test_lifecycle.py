@@ -223,3 +223,16 @@ def test_each_run_is_announced_once() -> None:
     finally:
         loop.close()
     assert runs.count(loop) == 2  # one announcement per run, not per discovery path
+
+
+def test_uvloop_from_a_factory_captured_before_install_is_found() -> None:
+    """No creation hook sees a loop made through a reference taken before install() and never
+    set as the current loop; its run_forever setting the asyncgen hooks does."""
+    uvloop = pytest.importorskip("uvloop")
+    factory = uvloop.new_event_loop  # captured before install, like a loop_factory default
+    asyncdiag.install(debug=True, slow_callback_duration=0.2, exporter="none")
+    loop = factory()
+    try:
+        assert loop.run_until_complete(loop_settings()) == (True, 0.2)
+    finally:
+        loop.close()

@@ -431,6 +431,13 @@ class AsyncgenTracker:
                 first = raw.firstiter if given_first else before.firstiter
                 fin = raw.finalizer if given_fin else before.finalizer
                 self._install(first, fin)
+                # Every asyncio and uvloop run_forever starts by setting its own hooks here,
+                # whatever way the loop was created (a factory captured before install, a
+                # loop never set as current): the one place every loop shows up.
+                owner = getattr(first, "__self__", None)
+                agent = self._agent
+                if agent is not None and isinstance(owner, asyncio.AbstractEventLoop):
+                    agent.loops.discover(owner)
             except Exception as exc:
                 self.failed(exc)
             return None
