@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import threading
 import time
 from collections.abc import Callable
@@ -67,6 +68,43 @@ class CountingBatchSpanProcessor(BatchSpanProcessor):
         super().on_end(span)
 
 
+class _SpareWorker:
+    """A daemon thread started with the pipeline and parked until the exit flush needs it.
+
+    Python 3.12 refuses to start threads once atexit handlers run ("can't create new thread
+    at interpreter shutdown"), and flushing inline could block for the SDK's 30 s shutdown
+    on a hung collector. Tasks handed to this thread are waited for with a deadline; what is
+    still running then dies with the process."""
+
+    def __init__(self) -> None:
+        self._tasks: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, daemon=True,
+                                        name="asyncdiag-otel-exit")
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            task = self._tasks.get()
+            if task is None:
+                return
+            task()
+
+    def submit(self, task: Callable[[], None]) -> threading.Event:
+        done = threading.Event()
+
+        def run() -> None:
+            try:
+                task()
+            finally:
+                done.set()
+
+        self._tasks.put(run)
+        return done
+
+    def close(self) -> None:
+        self._tasks.put(None)
+
+
 @dataclass
 class Pipeline:
     tracer_provider: Any = None
@@ -76,6 +114,7 @@ class Pipeline:
     prometheus_thread: Any = None
     exporters: list[Any] = field(default_factory=list)
     description: list[str] = field(default_factory=list)
+    spare: _SpareWorker | None = None
     _stopped: bool = False
 
     @property
@@ -106,7 +145,9 @@ class Pipeline:
         if self.prometheus_server is not None:
             server = self.prometheus_server
             tasks.append(("prometheus", lambda: (server.shutdown(), server.server_close())))
-        finished = _run_bounded(tasks, timeout)
+        finished = _run_bounded(tasks, timeout, self.spare)
+        if self.spare is not None:
+            self.spare.close()
         dropped = self.dropped_spans
         if dropped:
             logger.warning(
@@ -140,8 +181,13 @@ def _no_more_retries(exporter: Any) -> None:
             event.set()
 
 
-def _run_bounded(tasks: list[tuple[str, Callable[[], object]]], timeout: float) -> bool:
-    """Run ``tasks`` in parallel daemon threads; wait ``timeout`` seconds at most in total."""
+def _run_bounded(
+    tasks: list[tuple[str, Callable[[], object]]], timeout: float,
+    spare: _SpareWorker | None = None,
+) -> bool:
+    """Run ``tasks`` in parallel daemon threads; wait ``timeout`` seconds at most in total.
+    Where no new thread can be started (at interpreter exit on 3.12), the tasks go to the
+    ``spare`` thread started earlier, still waited for with the same deadline."""
 
     def quietly(name: str, task: Callable[[], object]) -> Callable[[], None]:
         def run() -> None:
@@ -154,20 +200,25 @@ def _run_bounded(tasks: list[tuple[str, Callable[[], object]]], timeout: float) 
 
     deadline = time.monotonic() + timeout
     threads: list[threading.Thread] = []
+    handed_over: list[threading.Event] = []
     for name, task in tasks:
         thread = threading.Thread(target=quietly(name, task), daemon=True,
                                   name=f"asyncdiag-otel-shutdown-{name}")
         try:
             thread.start()
         except RuntimeError:
-            # No new threads at interpreter shutdown on some versions: do it inline; the
-            # exporters' own timeouts bound it then.
-            quietly(name, task)()
+            if spare is not None:
+                handed_over.append(spare.submit(quietly(name, task)))
+            else:  # nothing else can run it: inline, bounded by the exporters' own timeouts
+                quietly(name, task)()
             continue
         threads.append(thread)
     for thread in threads:
         thread.join(max(0.0, deadline - time.monotonic()))
-    return not any(thread.is_alive() for thread in threads)
+    for done in handed_over:
+        done.wait(max(0.0, deadline - time.monotonic()))
+    return not any(thread.is_alive() for thread in threads) and all(
+        done.is_set() for done in handed_over)
 
 
 def exporter_names(signal: Signal, exporter: str) -> list[str]:
@@ -292,6 +343,8 @@ def _build(exporter: str, *, traces: bool, metrics: bool) -> Pipeline:
         _build_traces(pipeline, trace_names, resource)
     if metric_names:
         _build_metrics(pipeline, metric_names, resource)
+    if pipeline.has_providers or pipeline.prometheus_server is not None:
+        pipeline.spare = _SpareWorker()
     if pipeline.description:
         logger.info("asyncdiag: exporting %s", "; ".join(pipeline.description))
     return pipeline
