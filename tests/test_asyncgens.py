@@ -624,7 +624,7 @@ WARM_UP = 8_000
 
 def test_memory_stays_flat_over_many_generators(loop_factory: LoopFactory) -> None:
     """Created and dropped, orphaned or not: the registry holds no generator and is pruned.
-    ``benchmarks/bench_asyncgens_memory.py`` runs the same churn with 1,000,000 and RSS."""
+    ``python benchmarks/bench_asyncgens.py memory`` runs the same churn with 1,000,000 and RSS."""
     import tracemalloc
     from types import AsyncGeneratorType
 

@@ -55,7 +55,7 @@ import wrapt
 from opentelemetry import trace
 
 from . import _findings, _names, _safety
-from ._frames import PACKAGE_DIR, PACKAGE_PROGRAMS
+from ._frames import is_own_machinery
 from ._patching import Patcher
 
 if TYPE_CHECKING:
@@ -70,7 +70,6 @@ Hook = Callable[[AnyAsyncGen], object]
 # (amortised O(1) per generator), never below this size, and on the periodic tick.
 _MIN_PRUNE = 1024
 
-_HERE = PACKAGE_DIR
 _ASYNCIO_DIR = os.path.dirname(os.path.abspath(asyncio.__file__)) + os.sep
 _CONTEXTLIB_FILE = os.path.abspath(contextlib.__file__)
 
@@ -94,9 +93,8 @@ def _is_infrastructure(filename: str) -> bool:
     ``@asynccontextmanager`` generator is first iterated inside contextlib, on behalf of the
     user's ``async with`` line."""
     path = os.path.abspath(filename) if filename[:1] not in ("<", "") else filename
-    if path in PACKAGE_PROGRAMS:
-        return False
-    return path.startswith((_ASYNCIO_DIR, _HERE)) or path == _CONTEXTLIB_FILE
+    return (is_own_machinery(path) or path.startswith(_ASYNCIO_DIR)
+            or path == _CONTEXTLIB_FILE)
 
 
 if sys.version_info >= (3, 12):
@@ -163,7 +161,7 @@ def _subject(agen: AnyAsyncGen) -> tuple[str, str]:
     found = _subjects.get(key)
     if found is None:
         defined = code
-        if code.co_filename.startswith(_HERE):
+        if is_own_machinery(code.co_filename):
             # asyncdiag's instrumentation proxy (an async generator driving the user's, under
             # the user's name): point at the user's generator function instead.
             inner = _wrapped_generator(agen)

@@ -129,11 +129,11 @@ class FindingStore:
         if count == 1 or count in _RELOG_AT:
             _log(entry.freeze())
         for sink in sinks:
-            _call_safely(f"finding sink {getattr(sink, '__qualname__', sink)!s}", sink,
+            _safety.call_safely(f"finding sink {getattr(sink, '__qualname__', sink)!s}", sink,
                          finding, span)
         for listener in listeners:
             # Named per listener: one failing listener must not silence the others.
-            _call_safely(f"finding listener {getattr(listener, '__qualname__', listener)!s}",
+            _safety.call_safely(f"finding listener {getattr(listener, '__qualname__', listener)!s}",
                          listener, finding)
         return count
 
@@ -172,15 +172,6 @@ class _Entry:
         return dataclasses.replace(
             first, count=self.count, duration=self.duration, last_seen=self.last_seen
         )
-
-
-def _call_safely(name: str, func: Callable[..., object], *args: object) -> None:
-    if _safety.is_disabled(name):
-        return
-    try:
-        func(*args)
-    except Exception as exc:
-        _safety.hook_failed(name, exc)
 
 
 def _log(finding: Finding) -> None:

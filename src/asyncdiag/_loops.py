@@ -195,12 +195,7 @@ class LoopRegistry:
     @staticmethod
     def _call(callback: LoopCallback, loop: asyncio.AbstractEventLoop) -> None:
         name = f"loop subscriber {getattr(callback, '__qualname__', callback)!s}"
-        if _safety.is_disabled(name):
-            return
-        try:
-            callback(loop)
-        except Exception as exc:
-            _safety.hook_failed(name, exc)
+        _safety.call_safely(name, callback, loop)
 
     def _wrap(self, owner: Any, attribute: str, wrapper: Callable[..., Any]) -> None:
         original = getattr(owner, attribute)

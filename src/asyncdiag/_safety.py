@@ -44,6 +44,16 @@ def hook_failed(name: str, exc: BaseException) -> None:
         pass
 
 
+def call_safely(name: str, func: Callable[..., object], *args: object) -> None:
+    """Call a hook; if it raises, log once and skip it from then on (see module doc)."""
+    if name in _disabled:
+        return
+    try:
+        func(*args)
+    except Exception as exc:
+        hook_failed(name, exc)
+
+
 def guard(name: str, default: R) -> Callable[[Callable[P, R]], Callable[P, R]]:
     """Decorate a hook so that it returns ``default`` instead of raising, and stays off after."""
 

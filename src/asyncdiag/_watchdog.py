@@ -31,7 +31,6 @@ import asyncio.base_events
 import collections
 import contextvars
 import logging
-import os
 import sys
 import sysconfig
 import threading
@@ -45,6 +44,7 @@ from typing import Any
 
 from . import _findings, _names, _safety
 from ._asyncio_warnings import subject_of
+from ._frames import is_own_machinery
 
 logger = logging.getLogger("asyncdiag")
 
@@ -67,7 +67,6 @@ _LIBRARY_DIRS: tuple[str, ...] = tuple(
     )
 )
 _MAX_STACK = 40
-_OWN_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
 def _qualname(code: Any) -> str:
@@ -178,7 +177,7 @@ class LoopState:
         self.thread_id = threading.get_ident()
         self.native_id = threading.get_native_id()
         frame: FrameType | None = sys._getframe(1)
-        while frame is not None and frame.f_code.co_filename.startswith(_OWN_DIR):
+        while frame is not None and is_own_machinery(frame.f_code.co_filename):
             frame = frame.f_back
         if frame is not None:
             self.base_code = frame.f_code
