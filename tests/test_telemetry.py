@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import math
 import socket
+import threading
 import time
 import timeit
 from collections.abc import Iterator
@@ -80,17 +81,27 @@ def sdk_reference(values: list[float]) -> Any:
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.lists(
-    st.one_of(st.sampled_from((*_names.DURATION_BUCKETS, 0.0)),
-              st.floats(min_value=0, max_value=30, allow_nan=False)),
-    min_size=1, max_size=60,
-))
-def test_aggregation_equals_the_sdk_histogram(values: list[float]) -> None:
+@given(
+    st.lists(
+        st.one_of(st.sampled_from((*_names.DURATION_BUCKETS, 0.0)),
+                  st.floats(min_value=0, max_value=30, allow_nan=False)),
+        min_size=1, max_size=60,
+    ),
+    # Copies of the list recorded in a row, so that series fill up and fold on the hot path
+    # (every FOLD_AT values) as well as at collection.
+    st.sampled_from((1, 3, 2 * _telemetry.FOLD_AT + 1)),
+    st.booleans(),  # collect once in the middle too
+)
+def test_aggregation_equals_the_sdk_histogram(values: list[float], copies: int,
+                                              collect_midway: bool) -> None:
+    values = values * copies
     p = Providers()
     try:
         telemetry = p.install().telemetry
-        for value in values:
+        for index, value in enumerate(values):
             telemetry.record_enter("m.C", value)
+            if collect_midway and index == len(values) // 2:
+                p.collect()
         metric = p.collect()[_names.CONTEXT_ENTER_DURATION.name]
     finally:
         asyncdiag.uninstall()
@@ -253,7 +264,8 @@ def test_non_sdk_meter_provider_gets_direct_records(providers: Providers) -> Non
     vendor = VendorMeterProvider(providers.meter_provider)
     _telemetry.use_providers(providers.tracer_provider, vendor)
     t = asyncdiag.install(exporter="none").telemetry
-    assert "record_enter" in vars(t)
+    # Nothing collects on a vendor provider's behalf: every value goes straight through.
+    assert all(h.sink is not None and h.limit == 1 for h in t._histograms)
     t.record_enter("m.C", 0.0004)
     t.record_exit("m.C", "ok", 0.0004)
     t.record_loop_lag(0.001)
@@ -267,7 +279,7 @@ def test_non_sdk_meter_provider_gets_direct_records(providers: Providers) -> Non
     assert tuple(point.explicit_bounds) == _names.DURATION_BUCKETS  # the advisory was used
     assert "_receive_metrics" not in vars(providers.reader)
     asyncdiag.uninstall()
-    assert "record_enter" not in vars(t)
+    assert all(h.sink is None and h.limit == _telemetry.FOLD_AT for h in t._histograms)
 
 
 def test_instrumentor_installs_with_given_providers_and_uninstalls(
@@ -459,3 +471,27 @@ def test_a_broken_export_setup_never_fails_install(monkeypatch: pytest.MonkeyPat
         agent = asyncdiag.install(exporter="otlp")
     assert agent.installed and agent.telemetry._pipeline is None
     assert any("could not be set up" in r.getMessage() for r in caplog.records)
+
+
+def test_no_value_is_lost_when_collection_races_the_recording_thread(
+        providers: Providers) -> None:
+    """Series are emptied by slicing off their head while another thread appends."""
+    telemetry = providers.install().telemetry
+    total = 50 * _telemetry.FOLD_AT + 7
+    done = threading.Event()
+
+    def record() -> None:
+        for _ in range(total):
+            telemetry.record_enter("m.C", 0.0003)
+        done.set()
+
+    recorder = threading.Thread(target=record)
+    recorder.start()
+    collections = 0
+    while not done.is_set() or collections < 3:
+        providers.collect()
+        collections += 1
+    recorder.join()
+    (point,) = providers.collect()[_names.CONTEXT_ENTER_DURATION.name].data.data_points
+    assert point.count == total
+    assert point.sum == pytest.approx(total * 0.0003)

@@ -24,7 +24,6 @@ import inspect
 import sys
 import weakref
 from collections.abc import AsyncGenerator, Awaitable, Callable
-from dataclasses import dataclass
 from time import perf_counter
 from types import CodeType, FrameType
 from typing import Any
@@ -73,14 +72,23 @@ _ObjectProxy: Any = wrapt.ObjectProxy
 _FunctionWrapper: Any = wrapt.FunctionWrapper
 
 
-@dataclass(frozen=True)
 class Site:
-    """What an instrumented object is called in telemetry."""
+    """What an instrumented object is called in telemetry, and (for the runtime that bound
+    them last) the metric series its wrappers append to, so that the hot path looks nothing
+    up by name."""
 
-    subject: str  # module-qualified name: the metrics' asyncdiag.subject, findings' subject
-    qualname: str
-    with_span: str
-    for_span: str
+    __slots__ = ("enter", "exit_ok", "for_span", "next", "qualname", "runtime", "subject",
+                 "with_span")
+
+    def __init__(self, subject: str, qualname: str, with_span: str, for_span: str) -> None:
+        self.subject = subject  # module-qualified: the metrics' asyncdiag.subject
+        self.qualname = qualname
+        self.with_span = with_span
+        self.for_span = for_span
+        self.runtime: Runtime | None = None
+        self.enter: Any = None
+        self.exit_ok: Any = None
+        self.next: Any = None
 
     @classmethod
     def of(cls, module: str, qualname: str) -> Site:
@@ -89,6 +97,9 @@ class Site:
             subject, qualname,
             _names.async_with_span_name(qualname), _names.async_for_span_name(qualname),
         )
+
+    def __repr__(self) -> str:
+        return f"Site({self.subject!r})"
 
 
 class Runtime:
@@ -122,6 +133,15 @@ class Runtime:
         elif mode == _spans.FOLLOW_PARENT_ROOT_ON and _spans.parent_sampled() is False:
             return None
         return self.tracer.start_span(name, attributes=attributes)
+
+    def bind(self, site: Site) -> Site:
+        """Point ``site`` at this runtime's series (once per site and install)."""
+        telemetry = self.telemetry
+        site.enter = telemetry.enter_series(site.subject)
+        site.exit_ok = telemetry.exit_series(site.subject, "ok")
+        site.next = telemetry.next_series(site.subject)
+        site.runtime = self  # last: a reader that sees this runtime sees its series
+        return site
 
 
 RUNTIME: Runtime | None = None
@@ -385,6 +405,73 @@ def _dress(method: Any, original: Any) -> None:
     method.__asyncdiag_instrumented__ = True
 
 
+def _open_span(rt: Runtime, obj: Any, site: Site) -> _Open | None:
+    """At ``__aenter__`` when tracing: the block's span made current, or None if unsampled."""
+    try:
+        loop = _get_running_loop()
+        task = _task_of(loop) if loop is not None else None
+        if rt.pending_detach:
+            _unwind(rt, task)
+        # The SDK validates every attribute (about a tenth of a span's cost each): the span
+        # carries the subject and, at the end, outcome and durations; the `async with` line
+        # is in findings, not on every span.
+        span = rt.start_span(site.with_span, {_names.ATTR_SUBJECT: site.subject})
+        return _Open(span, obj, task) if span is not None else None
+    except Exception as internal:
+        failed(internal)
+        return None
+
+
+def _enter_failed(rt: Runtime, site: Site, record: _Open | None, exc: BaseException,
+                  duration: float) -> None:
+    """``__aenter__`` raised ``exc`` (the block never ran)."""
+    try:
+        rt.telemetry.record_enter(site.subject, duration)
+        if record is not None:
+            record.enter_duration = duration
+            outcome = "cancelled" if isinstance(exc, _CancelledError) else "error"
+            _end_with_span(rt, record, outcome, 0.0, type(exc), site, record.task)
+    except Exception as internal:
+        failed(internal)
+
+
+def _exit_failed(rt: Runtime, site: Site, record: _Open | None, exc: BaseException,
+                 duration: float, task: Any, caller: FrameType) -> None:
+    """``__aexit__`` raised ``exc``."""
+    try:
+        outcome: _names.Outcome = "cancelled" if isinstance(exc, _CancelledError) else "error"
+        rt.telemetry.record_exit(site.subject, outcome, duration)
+        if duration > rt.slow_teardown:
+            _exit_findings(rt, site, caller, None, None, False, duration,
+                           record.span if record is not None else None)
+        if record is not None:
+            _end_with_span(rt, record, outcome, duration, type(exc), site, task)
+    except Exception as internal:
+        failed(internal)
+
+
+def _exited(rt: Runtime, site: Site, record: _Open | None, exc_type: Any, suppress: Any,
+            duration: float, task: Any, cancelling: int, caller: FrameType) -> None:
+    """``__aexit__`` returned: everything but the common case (no exception, no span,
+    nothing to report), which the wrapper records inline."""
+    if exc_type is None:
+        outcome: _names.Outcome = "ok"
+        swallowed = False
+        new_cancel = cancelling >= 0 and task.cancelling() > cancelling
+    else:
+        outcome = _outcome(exc_type, suppress)
+        swallowed = bool(suppress)
+        new_cancel = (
+            cancelling >= 0 and outcome != "cancelled" and task.cancelling() > cancelling
+        )
+    rt.telemetry.record_exit(site.subject, outcome, duration)
+    if swallowed or new_cancel or duration > rt.slow_teardown:
+        _exit_findings(rt, site, caller, exc_type, suppress, new_cancel, duration,
+                       record.span if record is not None else None)
+    if record is not None:
+        _end_with_span(rt, record, outcome, duration, exc_type, site, task)
+
+
 def make_cm_methods(
     site: Site | None, call_enter: Caller, call_exit: Caller, *, owner: type | None,
 ) -> tuple[Callable[..., Awaitable[Any]], Callable[..., Awaitable[Any]]]:
@@ -395,6 +482,10 @@ def make_cm_methods(
     a subclass that overrides one of the pair) they pass through, so that one block is
     measured once. ``owner`` None (proxies): no such check. ``site`` None: read it from
     ``self._self_site`` (proxies).
+
+    These two run around every instrumented block, so their common path (metrics only, no
+    exception, nothing to report) is kept to the fewest bytecodes: every other case is in a
+    helper above.
     """
     active = [True]
 
@@ -403,50 +494,27 @@ def make_cm_methods(
     # hand, pass exactly these).
     async def __aenter__(self: Any) -> Any:
         rt = RUNTIME
-        cls = type(self)
-        if rt is None or not active[0] or (cls is not owner and owner is not None and (
-            cls.__aenter__ is not __aenter__ or cls.__aexit__ is not __aexit__
+        if rt is None or not active[0] or (type(self) is not owner and owner is not None and (
+            type(self).__aenter__ is not __aenter__ or type(self).__aexit__ is not __aexit__
         )):
             return await call_enter(self)
-        record = None
-        if rt.tracing:
-            try:
-                loop = _get_running_loop()
-                task = _task_of(loop) if loop is not None else None
-                if rt.pending_detach:
-                    _unwind(rt, task)
-                s = site if site is not None else self._self_site
-                # The SDK validates every attribute (about a tenth of a span's cost each): the
-                # span carries the subject and, at the end, outcome and durations; the
-                # `async with` line is in findings, not on every span.
-                span = rt.start_span(s.with_span, {_names.ATTR_SUBJECT: s.subject})
-                if span is not None:
-                    record = _Open(span, self, task)
-            except Exception as exc:
-                failed(exc)
+        s = site if site is not None else self._self_site
+        record = _open_span(rt, self, s) if rt.tracing else None
         t0 = perf_counter()
         try:
             result = await call_enter(self)
         except BaseException as exc:
-            t1 = perf_counter()
-            try:
-                s = site if site is not None else self._self_site
-                rt.telemetry.record_enter(s.subject, t1 - t0)
-                if record is not None:
-                    record.enter_duration = t1 - t0
-                    outcome = "cancelled" if isinstance(exc, _CancelledError) else "error"
-                    _end_with_span(rt, record, outcome, 0.0, type(exc), s, record.task)
-            except Exception as internal:
-                failed(internal)
+            _enter_failed(rt, s, record, exc, perf_counter() - t0)
             _trim(exc, __aenter__.__code__)
             raise
-        t1 = perf_counter()
+        duration = perf_counter() - t0
         try:
-            rt.telemetry.record_enter(
-                (site if site is not None else self._self_site).subject, t1 - t0
-            )
+            series = s.enter if s.runtime is rt else rt.bind(s).enter
+            series.append(duration)
+            if len(series) >= series.limit:
+                series.histogram.fold(series)
             if record is not None:
-                record.enter_duration = t1 - t0
+                record.enter_duration = duration
                 _push_open(rt, record)
         except Exception as internal:
             failed(internal)
@@ -454,9 +522,8 @@ def make_cm_methods(
 
     async def __aexit__(self: Any, exc_type: Any, exc: Any, tb: Any) -> Any:
         rt = RUNTIME
-        cls = type(self)
-        if rt is None or not active[0] or (cls is not owner and owner is not None and (
-            cls.__aexit__ is not __aexit__ or cls.__aenter__ is not __aenter__
+        if rt is None or not active[0] or (type(self) is not owner and owner is not None and (
+            type(self).__aexit__ is not __aexit__ or type(self).__aenter__ is not __aenter__
         )):
             return await call_exit(self, exc_type, exc, tb)
         task: Any = None
@@ -479,43 +546,22 @@ def make_cm_methods(
         try:
             suppress = await call_exit(self, exc_type, exc, tb)
         except BaseException as exc:
-            t1 = perf_counter()
-            try:
-                s = site if site is not None else self._self_site
-                outcome: _names.Outcome = (
-                    "cancelled" if isinstance(exc, _CancelledError) else "error"
-                )
-                rt.telemetry.record_exit(s.subject, outcome, t1 - t0)
-                if t1 - t0 > rt.slow_teardown:
-                    _exit_findings(rt, s, sys._getframe(1), None, None, False, t1 - t0,
-                                   record.span if record is not None else None)
-                if record is not None:
-                    _end_with_span(rt, record, outcome, t1 - t0, type(exc), s, task)
-            except Exception as internal:
-                failed(internal)
+            _exit_failed(rt, site if site is not None else self._self_site, record, exc,
+                         perf_counter() - t0, task, sys._getframe(1))
             _trim(exc, __aexit__.__code__)
             raise
-        t1 = perf_counter()
+        duration = perf_counter() - t0
         try:
             s = site if site is not None else self._self_site
-            if exc_type is None:
-                rt.telemetry.record_exit(s.subject, "ok", t1 - t0)
-                swallowed = False
-                new_cancel = cancelling >= 0 and task.cancelling() > cancelling
+            if (exc_type is None and record is None and duration <= rt.slow_teardown
+                    and (cancelling < 0 or task.cancelling() <= cancelling)):
+                series = s.exit_ok if s.runtime is rt else rt.bind(s).exit_ok
+                series.append(duration)
+                if len(series) >= series.limit:
+                    series.histogram.fold(series)
             else:
-                outcome = _outcome(exc_type, suppress)
-                rt.telemetry.record_exit(s.subject, outcome, t1 - t0)
-                swallowed = bool(suppress)
-                new_cancel = (
-                    cancelling >= 0 and outcome != "cancelled"
-                    and task.cancelling() > cancelling
-                )
-            if swallowed or new_cancel or t1 - t0 > rt.slow_teardown:
-                _exit_findings(rt, s, sys._getframe(1), exc_type, suppress, new_cancel,
-                               t1 - t0, record.span if record is not None else None)
-            if record is not None:
-                _end_with_span(rt, record, _outcome(exc_type, suppress), t1 - t0, exc_type, s,
-                               task)
+                _exited(rt, s, record, exc_type, suppress, duration, task, cancelling,
+                        sys._getframe(1))
         except Exception as internal:
             failed(internal)
         return suppress

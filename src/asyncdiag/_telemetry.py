@@ -7,8 +7,12 @@ Why the metrics are aggregated here and not by the SDK: ``record_enter``/``recor
 ``record_next``/``add_yields`` run on the event loop thread for every instrumented ``async
 with`` and every yielded item. One SDK ``Histogram.record`` costs several microseconds
 (measurement object, exemplar filter, per-reader storage lookups, locks), more than the
-whole per-operation budget. So each record is one dict lookup plus a bisect and a few list
-stores; the SDK gets the result at collection time, on the collecting thread:
+whole per-operation budget. Even a Python-level bucket update (a call, a bisect, four list
+stores: about 0.7 us) is too much for a budget of 2 us per ``async with`` that also has to pay
+for clock reads and the wrapper coroutines. So a record is one ``list.append`` of the raw
+duration onto its series; every ``FOLD_AT`` values, and at each collection, the series is
+folded into its point in one batch done in C (sort, one bisect per bucket bound, sum). The SDK
+gets the result at collection time, on the collecting thread:
 
 * counters and the up-down counter are *observable* instruments whose callbacks read the
   plain-Python totals (public API, works with any MeterProvider, including the API's proxy
@@ -29,7 +33,7 @@ import logging
 import math
 import threading
 import weakref
-from bisect import bisect_left
+from bisect import bisect_right
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from time import time_ns
 from typing import TYPE_CHECKING, Any
@@ -79,53 +83,139 @@ def _new_point() -> list[float]:
     return [0] * _NBUCKETS + [0.0, math.inf, -math.inf, 0]
 
 
+# Raw durations a series holds before it is folded into its point: big enough that the fold's
+# fixed cost (a lock, a slice, one bisect per bound) is spread thin, small enough that memory
+# stays a few kB per attribute set whatever the rate.
+FOLD_AT = 256
+
+
+class Series(list[float]):
+    """Durations recorded for one attribute set of one histogram, not yet folded.
+
+    The hot path appends to it and, when ``len(series) >= series.limit``, calls
+    ``series.histogram.fold(series)``. ``limit`` is 1 when the histogram forwards every value
+    to an instrument of a non-SDK MeterProvider (nothing collects on its behalf there).
+    """
+
+    __slots__ = ("attributes", "histogram", "limit", "point")
+
+    def __init__(self, histogram: _Histogram, point: list[float],
+                 attributes: Mapping[str, AttributeValue], limit: int) -> None:
+        super().__init__()
+        self.histogram = histogram
+        self.point = point
+        self.attributes = attributes
+        self.limit = limit
+
+
+def _fold_into(point: list[float], values: list[float]) -> None:
+    """Add ``values`` to ``point``: buckets are upper-inclusive, as OpenTelemetry's explicit
+    buckets are (value v goes to the first bucket whose bound is >= v)."""
+    values.sort()
+    below = 0
+    for index, bound in enumerate(_BOUNDS):
+        upto = bisect_right(values, bound, below)
+        if upto != below:
+            point[index] += upto - below
+            below = upto
+    if below != len(values):
+        point[_NBUCKETS - 1] += len(values) - below
+    point[_SUM] += sum(values)
+    if values[0] < point[_MIN]:
+        point[_MIN] = values[0]
+    if values[-1] > point[_MAX]:
+        point[_MAX] = values[-1]
+
+
 class _Histogram:
     """One duration histogram, aggregated in plain Python per attribute set.
 
-    Recording is done inline by ``Telemetry`` (a dict lookup and index stores). On CPython
-    3.11+ with the GIL those stores cannot interleave with another thread's (no eval-breaker
-    check inside ``p[i] += 1``); a new attribute set is added under a lock.
+    Values arrive in a ``Series`` per attribute set and are folded into that set's point under
+    the lock, by whichever thread finds the series full or collects. Taking the values out of
+    a series is one slice and one ``del`` of that many from its head, so appends by other
+    threads in between are kept for the next fold.
     """
 
-    __slots__ = ("_lock", "attributes", "points", "spec", "start_ns")
+    __slots__ = ("_lock", "attributes", "limit", "points", "series", "sink", "spec",
+                 "start_ns")
 
     def __init__(self, spec: _names.MetricName) -> None:
         self.spec = spec
         self.points: dict[Hashable, list[float]] = {}
         self.attributes: dict[Hashable, Mapping[str, AttributeValue]] = {}
+        self.series: dict[Hashable, Series] = {}
+        self.limit = FOLD_AT
+        # Set for a non-SDK MeterProvider: every value goes to its instrument instead.
+        self.sink: Callable[[float, Mapping[str, AttributeValue]], None] | None = None
         self.start_ns = time_ns()
         self._lock = threading.RLock()
 
-    def point(self, key: Hashable, attributes: Mapping[str, AttributeValue]) -> list[float]:
-        """The point for ``key``, created on first use (the slow path of a record)."""
+    def series_for(self, key: Hashable, attributes: Mapping[str, AttributeValue]) -> Series:
+        """The series for ``key``, created on first use (the slow path of a record)."""
         with self._lock:
-            point = self.points.get(key)
-            if point is not None:
-                return point
+            series = self.series.get(key)
+            if series is not None:
+                return series
             if len(self.points) >= MAX_POINTS_PER_METRIC:
+                # Not remembered under ``key``: the table must stay bounded too.
+                series = self.series.get(_OVERFLOW_KEY)
+                if series is not None:
+                    return series
                 key, attributes = _OVERFLOW_KEY, _OVERFLOW_ATTRIBUTES
-                point = self.points.get(key)
-                if point is not None:
-                    return point
             point = _new_point()
-            self.attributes[key] = dict(attributes)
+            attributes = dict(attributes)
+            self.attributes[key] = attributes
             self.points[key] = point
-            return point
+            series = Series(self, point, attributes, self.limit)
+            self.series[key] = series
+            return series
 
     def record(self, key: Hashable, attributes: Mapping[str, AttributeValue],
                seconds: float) -> None:
-        point = self.points.get(key)
-        if point is None:
-            point = self.point(key, attributes)
-        point[bisect_left(_BOUNDS, seconds)] += 1
-        point[_SUM] += seconds
-        if seconds < point[_MIN]:
-            point[_MIN] = seconds
-        if seconds > point[_MAX]:
-            point[_MAX] = seconds
+        series = self.series.get(key)
+        if series is None:
+            series = self.series_for(key, attributes)
+        series.append(seconds)
+        if len(series) >= series.limit:
+            self.fold(series)
+
+    def fold(self, series: Series) -> None:
+        with self._lock:
+            self._fold_locked(series)
+
+    def _fold_locked(self, series: Series) -> None:
+        count = len(series)
+        if not count:
+            return
+        values = series[:count]
+        del series[:count]
+        sink = self.sink
+        if sink is None:
+            _fold_into(series.point, values)
+        else:
+            attributes = series.attributes
+            for value in values:
+                sink(value, attributes)
+
+    def fold_all(self) -> None:
+        with self._lock:
+            for series in self.series.values():
+                self._fold_locked(series)
+
+    def forward_to(self, sink: Callable[[float, Mapping[str, AttributeValue]], None] | None,
+                   ) -> None:
+        """Send every value to ``sink`` as it is recorded (None: aggregate again). Values
+        still held are delivered first, where they were meant to go."""
+        with self._lock:
+            self.fold_all()
+            self.sink = sink
+            self.limit = 1 if sink is not None else FOLD_AT
+            for series in self.series.values():
+                series.limit = self.limit
 
     def snapshot(self) -> list[tuple[Hashable, Mapping[str, AttributeValue], list[float]]]:
         with self._lock:
+            self.fold_all()
             return [(key, self.attributes[key], list(point))
                     for key, point in self.points.items()]
 
@@ -133,6 +223,7 @@ class _Histogram:
         with self._lock:
             self.points.clear()
             self.attributes.clear()
+            self.series.clear()
             self.start_ns = time_ns()
 
 
@@ -319,9 +410,9 @@ class Telemetry:
         self._slow = _Histogram(_names.LOOP_SLOW_CALLBACK_DURATION)
         self._histograms = (self._enter, self._exit, self._next, self._lag, self._slow)
         # Bound once: the hot paths read these attributes instead of walking ``self._enter``.
-        self._enter_points = self._enter.points
-        self._exit_points = self._exit.points
-        self._next_points = self._next.points
+        self._enter_series = self._enter.series
+        self._exit_series = self._exit.series
+        self._next_series = self._next.series
         self._yields = _Counts()
         self._yield_totals = self._yields.totals
         self._findings = _Counts()
@@ -405,9 +496,9 @@ class Telemetry:
             self._patcher.restore_all()
             self._hooked = weakref.WeakSet()
             self._bound_provider = None
-        for attr in ("record_enter", "record_exit", "record_next", "record_item",
-                     "record_loop_lag", "record_slow_callback"):
-            self.__dict__.pop(attr, None)
+        for histogram in self._histograms:
+            if histogram.sink is not None:
+                histogram.forward_to(None)
         self.tracer = trace.get_tracer(_names.INSTRUMENTATION_SCOPE)
 
     def _shutdown_pipeline(self) -> None:
@@ -422,55 +513,53 @@ class Telemetry:
         return pipeline.dropped_spans if pipeline is not None else 0
 
     # -- recording API used by the detectors (hot paths: keep them to a few stores) ----------
+    # The instrumentation keeps the series of each subject it measures (``enter_series``...)
+    # and appends to them itself; these methods are the general path (one dict lookup more).
+    def enter_series(self, subject: str) -> Series:
+        return self._enter.series_for(subject, {_names.ATTR_SUBJECT: subject})
+
+    def exit_series(self, subject: str, outcome: _names.Outcome) -> Series:
+        return self._exit.series_for(
+            (subject, outcome), {_names.ATTR_SUBJECT: subject, _names.ATTR_OUTCOME: outcome}
+        )
+
+    def next_series(self, subject: str) -> Series:
+        return self._next.series_for(subject, {_names.ATTR_SUBJECT: subject})
+
     def record_enter(self, subject: str, seconds: float) -> None:
-        point = self._enter_points.get(subject)
-        if point is None:
-            point = self._enter.point(subject, {_names.ATTR_SUBJECT: subject})
-        point[bisect_left(_BOUNDS, seconds)] += 1
-        point[_SUM] += seconds
-        if seconds < point[_MIN]:
-            point[_MIN] = seconds
-        if seconds > point[_MAX]:
-            point[_MAX] = seconds
+        series = self._enter_series.get(subject)
+        if series is None:
+            series = self.enter_series(subject)
+        series.append(seconds)
+        if len(series) >= series.limit:
+            self._enter.fold(series)
 
     def record_exit(self, subject: str, outcome: _names.Outcome, seconds: float) -> None:
-        key = (subject, outcome)
-        point = self._exit_points.get(key)
-        if point is None:
-            point = self._exit.point(
-                key, {_names.ATTR_SUBJECT: subject, _names.ATTR_OUTCOME: outcome}
-            )
-        point[bisect_left(_BOUNDS, seconds)] += 1
-        point[_SUM] += seconds
-        if seconds < point[_MIN]:
-            point[_MIN] = seconds
-        if seconds > point[_MAX]:
-            point[_MAX] = seconds
+        series = self._exit_series.get((subject, outcome))
+        if series is None:
+            series = self.exit_series(subject, outcome)
+        series.append(seconds)
+        if len(series) >= series.limit:
+            self._exit.fold(series)
 
     def record_next(self, subject: str, seconds: float) -> None:
-        point = self._next_points.get(subject)
-        if point is None:
-            point = self._next.point(subject, {_names.ATTR_SUBJECT: subject})
-        point[bisect_left(_BOUNDS, seconds)] += 1
-        point[_SUM] += seconds
-        if seconds < point[_MIN]:
-            point[_MIN] = seconds
-        if seconds > point[_MAX]:
-            point[_MAX] = seconds
+        series = self._next_series.get(subject)
+        if series is None:
+            series = self.next_series(subject)
+        series.append(seconds)
+        if len(series) >= series.limit:
+            self._next.fold(series)
 
     def record_item(self, subject: str, seconds: float) -> None:
         """One ``__anext__`` that produced an item: ``record_next(subject, seconds)`` plus
-        ``add_yields(subject, 1)`` for the price of one call (the per-item hot path)."""
-        point = self._next_points.get(subject)
-        if point is None:
-            point = self._next.point(subject, {_names.ATTR_SUBJECT: subject})
-        point[bisect_left(_BOUNDS, seconds)] += 1
-        point[_SUM] += seconds
-        point[_ITEMS] += 1
-        if seconds < point[_MIN]:
-            point[_MIN] = seconds
-        if seconds > point[_MAX]:
-            point[_MAX] = seconds
+        ``add_yields(subject, 1)`` for the price of one lookup."""
+        series = self._next_series.get(subject)
+        if series is None:
+            series = self.next_series(subject)
+        series.point[_ITEMS] += 1
+        series.append(seconds)
+        if len(series) >= series.limit:
+            self._next.fold(series)
 
     def add_yields(self, subject: str, count: int = 1) -> None:
         totals = self._yield_totals
@@ -604,40 +693,8 @@ class Telemetry:
             )
             for spec in _names.METRICS if spec.instrument == "histogram"
         }
-        enter = made[_names.CONTEXT_ENTER_DURATION.name].record
-        exit_ = made[_names.CONTEXT_EXIT_DURATION.name].record
-        next_ = made[_names.ITERATOR_NEXT_DURATION.name].record
-        lag = made[_names.LOOP_LAG.name].record
-        slow = made[_names.LOOP_SLOW_CALLBACK_DURATION.name].record
-        subject_key, outcome_key = _names.ATTR_SUBJECT, _names.ATTR_OUTCOME
-
-        def record_enter(subject: str, seconds: float) -> None:
-            enter(seconds, {subject_key: subject})
-
-        def record_exit(subject: str, outcome: _names.Outcome, seconds: float) -> None:
-            exit_(seconds, {subject_key: subject, outcome_key: outcome})
-
-        def record_next(subject: str, seconds: float) -> None:
-            next_(seconds, {subject_key: subject})
-
-        add_yields = self.add_yields
-
-        def record_item(subject: str, seconds: float) -> None:
-            next_(seconds, {subject_key: subject})
-            add_yields(subject, 1)
-
-        def record_loop_lag(seconds: float) -> None:
-            lag(seconds)
-
-        def record_slow_callback(seconds: float) -> None:
-            slow(seconds)
-
-        # Instance attributes shadow the aggregating methods; stop() removes them.
-        self.__dict__.update(
-            record_enter=record_enter, record_exit=record_exit, record_next=record_next,
-            record_item=record_item, record_loop_lag=record_loop_lag,
-            record_slow_callback=record_slow_callback,
-        )
+        for histogram in self._histograms:
+            histogram.forward_to(made[histogram.spec.name].record)
         logger.info(
             "asyncdiag: MeterProvider %s is not the OpenTelemetry SDK's; duration histograms "
             "are recorded through its API (slower than asyncdiag's own aggregation)",
