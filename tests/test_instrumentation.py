@@ -535,7 +535,7 @@ def test_body_runs_with_the_async_with_span_current(
     assert len(otel.finished("async for")) == 1
     nexts = {p.attributes[_names.ATTR_SUBJECT]: p for p in otel.points(
         _names.ITERATOR_NEXT_DURATION.name)}
-    stride = _proxies.TIMING_STRIDE_MASK + 1  # one item in `stride` is timed
+    stride = _proxies.TIMING_STRIDE  # the first item, then one in `stride`, is timed
     assert nexts[f"{name}.numbers"].count == (20 + stride - 1) // stride
 
 

@@ -58,8 +58,9 @@ _task_of = _task_lookup()
 # One item in this many gets its __anext__ timed (and, on 3.11+, checked for a cancellation
 # that went in and did not come out). Every item is counted. A clock read costs about as much
 # as the whole per-item budget on the machines we measured, so timing every item is not
-# affordable; a power of two keeps the test to one AND.
-TIMING_STRIDE_MASK = 31
+# affordable. The items between two timed ones are counted down on a small int (cached by
+# the interpreter, so no allocation per item); the total is worked out at the timed ones.
+TIMING_STRIDE = 32
 
 # Open (entered, not yet exited) context managers that have a span, and iterations of class
 # based iterators: bounded, so that abandoned blocks cannot grow memory without limit.
@@ -77,8 +78,8 @@ class Site:
     them last) the metric series its wrappers append to, so that the hot path looks nothing
     up by name."""
 
-    __slots__ = ("enter", "exit_ok", "for_span", "next", "qualname", "runtime", "subject",
-                 "with_span")
+    __slots__ = ("enter", "exit_ok", "fast", "for_span", "next", "qualname", "runtime",
+                 "subject", "with_span")
 
     def __init__(self, subject: str, qualname: str, with_span: str, for_span: str) -> None:
         self.subject = subject  # module-qualified: the metrics' asyncdiag.subject
@@ -86,6 +87,8 @@ class Site:
         self.with_span = with_span
         self.for_span = for_span
         self.runtime: Runtime | None = None
+        # ``runtime`` when it only measures (no spans): the wrappers' common path, one test.
+        self.fast: Runtime | None = None
         self.enter: Any = None
         self.exit_ok: Any = None
         self.next: Any = None
@@ -140,7 +143,9 @@ class Runtime:
         site.enter = telemetry.enter_series(site.subject)
         site.exit_ok = telemetry.exit_series(site.subject, "ok")
         site.next = telemetry.next_series(site.subject)
-        site.runtime = self  # last: a reader that sees this runtime sees its series
+        # Last: a reader that sees this runtime sees its series.
+        site.runtime = self
+        site.fast = None if self.tracing else self
         return site
 
 
@@ -329,7 +334,8 @@ def _end_with_span(
     exc_type: type[BaseException] | None, site: Site, task: Any,
 ) -> None:
     span = record.span
-    span.set_attributes({
+    _spans.set_attributes(span, {
+        _names.ATTR_SUBJECT: site.subject,
         _names.ATTR_OUTCOME: outcome,
         "asyncdiag.enter.duration": record.enter_duration,
         "asyncdiag.exit.duration": exit_duration,
@@ -337,7 +343,11 @@ def _end_with_span(
     if outcome == "error" and exc_type is not None:
         span.set_status(Status(StatusCode.ERROR, exc_type.__qualname__))
     span.end()
-    _detach(rt, record, task)
+    if (record.task is task and task is not None and not rt.pending_detach
+            and otel_context.get_current() is record.ctx):
+        otel_context.detach(record.token)  # the common case of _detach, without the call
+    else:
+        _detach(rt, record, task)
 
 
 # -- async context managers ---------------------------------------------------------------------
@@ -412,10 +422,12 @@ def _open_span(rt: Runtime, obj: Any, site: Site) -> _Open | None:
         task = _task_of(loop) if loop is not None else None
         if rt.pending_detach:
             _unwind(rt, task)
-        # The SDK validates every attribute (about a tenth of a span's cost each): the span
-        # carries the subject and, at the end, outcome and durations; the `async with` line
-        # is in findings, not on every span.
-        span = rt.start_span(site.with_span, {_names.ATTR_SUBJECT: site.subject})
+        # All attributes are set at the end, in one write (see ``_spans.set_attributes``);
+        # the `async with` line is in findings, not on every span.
+        if rt.mode == _spans.ASK and rt.mode_final:  # the sampler decides: no pre-check
+            span = rt.tracer.start_span(site.with_span)
+        else:
+            span = rt.start_span(site.with_span)
         return _Open(span, obj, task) if span is not None else None
     except Exception as internal:
         failed(internal)
@@ -494,11 +506,29 @@ def make_cm_methods(
     # hand, pass exactly these).
     async def __aenter__(self: Any) -> Any:
         rt = RUNTIME
+        s = site if site is not None else self._self_site
+        if rt is not None and s.fast is rt and (type(self) is owner or owner is None):
+            # The common path, spelled out (a helper call would cost as much as the rest):
+            # metrics only, this runtime's series bound, the method that `async with` found.
+            t0 = perf_counter()
+            try:
+                result = await call_enter(self)
+            except BaseException as exc:
+                _enter_failed(rt, s, None, exc, perf_counter() - t0)
+                _trim(exc, __aenter__.__code__)
+                raise
+            try:
+                series = s.enter
+                series.append(perf_counter() - t0)
+                if len(series) >= series.limit:
+                    series.histogram.fold(series)
+            except Exception as internal:
+                failed(internal)
+            return result
         if rt is None or not active[0] or (type(self) is not owner and owner is not None and (
             type(self).__aenter__ is not __aenter__ or type(self).__aexit__ is not __aexit__
         )):
             return await call_enter(self)
-        s = site if site is not None else self._self_site
         record = _open_span(rt, self, s) if rt.tracing else None
         t0 = perf_counter()
         try:
@@ -515,19 +545,58 @@ def make_cm_methods(
                 series.histogram.fold(series)
             if record is not None:
                 record.enter_duration = duration
-                _push_open(rt, record)
+                opened = rt.open
+                key = (id(self), record.task)
+                if len(opened) < MAX_OPEN and key not in opened:
+                    opened[key] = record  # the common case of _push_open, without the call
+                else:
+                    _push_open(rt, record)
         except Exception as internal:
             failed(internal)
         return result
 
     async def __aexit__(self: Any, exc_type: Any, exc: Any, tb: Any) -> Any:
         rt = RUNTIME
+        s = site if site is not None else self._self_site
+        task: Any = None
+        cancelling = -1  # not known
+        if rt is not None and s.fast is rt and (type(self) is owner or owner is None):
+            # The common path, as in __aenter__.
+            if _HAS_CANCELLING:
+                # A cancellation delivered into __aexit__ and caught there leaves the task's
+                # count of pending cancellation requests higher than before.
+                loop = _get_running_loop()
+                if loop is not None:
+                    task = _task_of(loop)
+                    try:
+                        cancelling = task.cancelling()
+                    except AttributeError:  # no task, or a Task-like without cancelling()
+                        pass
+            t0 = perf_counter()
+            try:
+                suppress = await call_exit(self, exc_type, exc, tb)
+            except BaseException as error:
+                _exit_failed(rt, s, None, error, perf_counter() - t0, task, sys._getframe(1))
+                _trim(error, __aexit__.__code__)
+                raise
+            duration = perf_counter() - t0
+            try:
+                if (exc_type is None and duration <= rt.slow_teardown
+                        and (cancelling < 0 or task.cancelling() <= cancelling)):
+                    series = s.exit_ok
+                    series.append(duration)
+                    if len(series) >= series.limit:
+                        series.histogram.fold(series)
+                else:
+                    _exited(rt, s, None, exc_type, suppress, duration, task, cancelling,
+                            sys._getframe(1))
+            except Exception as internal:
+                failed(internal)
+            return suppress
         if rt is None or not active[0] or (type(self) is not owner and owner is not None and (
             type(self).__aexit__ is not __aexit__ or type(self).__aenter__ is not __aenter__
         )):
             return await call_exit(self, exc_type, exc, tb)
-        task: Any = None
-        cancelling = -1  # not known
         record = None
         if _HAS_CANCELLING or rt.open:
             loop = _get_running_loop()
@@ -545,20 +614,20 @@ def make_cm_methods(
         t0 = perf_counter()
         try:
             suppress = await call_exit(self, exc_type, exc, tb)
-        except BaseException as exc:
-            _exit_failed(rt, site if site is not None else self._self_site, record, exc,
-                         perf_counter() - t0, task, sys._getframe(1))
-            _trim(exc, __aexit__.__code__)
+        except BaseException as error:
+            _exit_failed(rt, s, record, error, perf_counter() - t0, task, sys._getframe(1))
+            _trim(error, __aexit__.__code__)
             raise
         duration = perf_counter() - t0
         try:
-            s = site if site is not None else self._self_site
-            if (exc_type is None and record is None and duration <= rt.slow_teardown
+            if (exc_type is None and duration <= rt.slow_teardown
                     and (cancelling < 0 or task.cancelling() <= cancelling)):
                 series = s.exit_ok if s.runtime is rt else rt.bind(s).exit_ok
                 series.append(duration)
                 if len(series) >= series.limit:
                     series.histogram.fold(series)
+                if record is not None:
+                    _end_with_span(rt, record, "ok", duration, None, s, task)
             else:
                 _exited(rt, s, record, exc_type, suppress, duration, task, cancelling,
                         sys._getframe(1))
@@ -568,6 +637,8 @@ def make_cm_methods(
 
     def disable() -> None:
         active[0] = False
+        if site is not None:
+            site.fast = None  # the common path does not read ``active``; a bind needs it
 
     methods: tuple[Any, Any] = (__aenter__, __aexit__)
     for method, original in zip(methods, (call_enter, call_exit), strict=True):
@@ -640,7 +711,7 @@ def _end_iteration(
         attributes["asyncdiag.next.mean"] = next_sum / timed
         attributes["asyncdiag.gap.max"] = last_timed_gap_max
     attributes["asyncdiag.duration"] = end - started
-    span.set_attributes(attributes)
+    _spans.set_attributes(span, attributes)
     if outcome == "error":
         span.set_status(Status(StatusCode.ERROR))
     span.end()
@@ -652,8 +723,9 @@ async def _observe(agen: Any, site: Site, state: _GenState) -> AsyncGenerator[An
     Forwards ``asend``/``athrow``/``aclose`` so the consumer cannot tell the difference; the
     iteration's span runs from here (the first ``__anext__``) to exhaustion, error, close or
     orphaning (closed by the loop's finalizer without the user calling ``aclose``). The common
-    path of an item is the ``async for`` below, a count and one bit test: one item in
-    ``TIMING_STRIDE_MASK + 1`` takes the slow path (clock reads, histogram, cancel check).
+    path of an item is the ``async for`` below, one decrement of a small int and one test:
+    the first item and then one in ``TIMING_STRIDE`` take the slow path (clock reads,
+    histogram, cancel check).
     """
     rt = RUNTIME
     caller = sys._getframe(1)
@@ -673,8 +745,9 @@ async def _observe(agen: Any, site: Site, state: _GenState) -> AsyncGenerator[An
             failed(internal)
             rt = None
     subject = site.subject
-    mask = TIMING_STRIDE_MASK if rt is not None else -1  # -1: never the slow path
-    items = 0
+    # Items so far = counted + (window - left): ``left`` counts down to the next timed item.
+    counted = 0
+    window = left = 1 if rt is not None else -1  # -1: never reaches 0, never measured
     reported = 0
     timed = 0
     next_sum = 0.0
@@ -687,14 +760,16 @@ async def _observe(agen: Any, site: Site, state: _GenState) -> AsyncGenerator[An
     outcome = "ok"
     try:
         async for item in agen:
-            items += 1
-            if not (items - 1) & mask:
+            left -= 1
+            if not left:
                 t1 = perf_counter()
+                counted += window
+                window = left = TIMING_STRIDE
                 if rt is None or RUNTIME is not rt:
-                    mask = -1  # uninstalled (or failed) meanwhile: stop measuring
+                    window = left = -1  # uninstalled (or failed) meanwhile: stop measuring
                 else:
                     try:
-                        if items == 1:
+                        if counted == 1:
                             first_item = t1
                         rt.telemetry.record_next(subject, t1 - t0)
                         next_sum += t1 - t0
@@ -705,14 +780,14 @@ async def _observe(agen: Any, site: Site, state: _GenState) -> AsyncGenerator[An
                         if task is not None and task.cancelling() > cancelling:
                             _iteration_findings(rt, site, where, _names.SWALLOWED_CANCELLATION,
                                                 None, span)
-                        if items - reported >= 4096:
+                        if counted - reported >= 4096:
                             # Long-lived streams: the yields counter moves while they run.
-                            rt.telemetry.add_yields(subject, items - reported)
-                            reported = items
+                            rt.telemetry.add_yields(subject, counted - reported)
+                            reported = counted
                         time_next = True
                     except Exception as internal:
                         failed(internal)
-                        mask = -1
+                        window = left = -1
             while True:
                 try:
                     sent = yield item
@@ -732,7 +807,7 @@ async def _observe(agen: Any, site: Site, state: _GenState) -> AsyncGenerator[An
                         item = await agen.athrow(thrown)
                     except StopAsyncIteration:
                         return
-                    items += 1
+                    counted += 1
                     continue
                 if sent is None:
                     break
@@ -740,7 +815,7 @@ async def _observe(agen: Any, site: Site, state: _GenState) -> AsyncGenerator[An
                     item = await agen.asend(sent)
                 except StopAsyncIteration:
                     return
-                items += 1
+                counted += 1
             if time_next:
                 time_next = False
                 if _HAS_CANCELLING:
@@ -755,6 +830,7 @@ async def _observe(agen: Any, site: Site, state: _GenState) -> AsyncGenerator[An
     finally:
         if rt is not None:
             try:
+                items = counted + window - left if window > 0 else counted
                 _end_iteration(rt, site, span, outcome, items, started, first_item, gap_max,
                                timed, next_sum, reported)
             except Exception as internal:
@@ -840,7 +916,7 @@ def _finish_class_iteration(rt: Runtime, key: int, site: Site, outcome: str) -> 
     iteration = rt.iterations.pop(key, None)
     if iteration is None or iteration.span is None:
         return
-    iteration.span.set_attributes({
+    _spans.set_attributes(iteration.span, {
         _names.ATTR_OUTCOME: outcome,
         "asyncdiag.items": iteration.items,
         "asyncdiag.duration": perf_counter() - iteration.started,

@@ -1,0 +1,84 @@
+"""``_spans.set_attributes`` writes into SDK spans directly: it must give exactly what the
+SDK's ``Span.set_attributes`` gives, limits included, and step aside where it cannot."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from opentelemetry.sdk.trace import Span, SpanLimits, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from asyncdiag import _spans
+
+keys = st.sampled_from(["asyncdiag.subject", "asyncdiag.outcome", "a", "b", "c", "user.key"])
+values = st.one_of(
+    st.text(max_size=12), st.booleans(), st.integers(-(2**40), 2**40),
+    st.floats(allow_nan=False),
+)
+
+
+def _pair(limits: SpanLimits | None = None) -> tuple[Any, InMemorySpanExporter, TracerProvider]:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(span_limits=limits) if limits else TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    return provider.get_tracer("t"), exporter, provider
+
+
+def _finished(write: Any, limits: SpanLimits | None, before: dict[str, Any],
+              attributes: dict[str, Any]) -> tuple[dict[str, Any], int]:
+    tracer, exporter, provider = _pair(limits)
+    span = tracer.start_span("s", attributes=before)
+    write(span, attributes)
+    span.end()
+    (done,) = exporter.get_finished_spans()
+    provider.shutdown()
+    return dict(done.attributes or {}), done.dropped_attributes
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.dictionaries(keys, values, max_size=4),
+    st.dictionaries(keys, values, max_size=5),
+    st.sampled_from([None, SpanLimits(max_span_attributes=3),
+                     SpanLimits(max_span_attribute_length=4)]),
+)
+def test_same_result_as_the_sdk(before: dict[str, Any], attributes: dict[str, Any],
+                                limits: SpanLimits | None) -> None:
+    ours = _finished(_spans.set_attributes, limits, before, attributes)
+    sdk = _finished(lambda span, a: span.set_attributes(a), limits, before, attributes)
+    assert ours == sdk
+
+
+def test_writes_directly_only_on_the_sdk_span_without_limits() -> None:
+    tracer, _, provider = _pair()
+    span = tracer.start_span("s")
+    assert _spans._supports_direct(span)
+    span.end()
+
+    class Recording(Span):  # type: ignore[misc]
+        calls: list[dict[str, Any]] = []
+
+        def set_attributes(self, attributes: Any) -> None:
+            Recording.calls.append(dict(attributes))
+            super().set_attributes(attributes)
+
+    custom = Recording("custom", context=span.get_span_context())
+    custom.start()
+    _spans.set_attributes(custom, {"a": 1})
+    assert Recording.calls == [{"a": 1}]
+    custom.end()
+    provider.shutdown()
+
+
+def test_an_ended_span_is_left_to_the_sdk(caplog: pytest.LogCaptureFixture) -> None:
+    tracer, _, provider = _pair()
+    span = tracer.start_span("s")
+    span.end()
+    _spans.set_attributes(span, {"a": 1})
+    assert "a" not in (span.attributes or {})
+    assert "Setting attribute on ended span" in caplog.text
+    provider.shutdown()
