@@ -37,9 +37,13 @@ def main() -> None:
     )
     counter = meter.create_counter("c")
     attrs = {_names.ATTR_SUBJECT: "myapp.db.Pool"}
-    ns: dict[str, object] = {"t": telemetry, "h": histogram, "c": counter, "attrs": attrs}
+    ns: dict[str, object] = {"t": telemetry, "h": histogram, "c": counter, "attrs": attrs,
+                             "s": telemetry.enter_series("myapp.db.Pool")}
     rows = [
         ("empty call baseline", "t._observe_tasks", NUMBER),
+        # What the instrumented async with does inline with the series its Site holds.
+        ("series append (inline)",
+         "s.append(0.00042)\nif len(s) >= s.limit: s.histogram.fold(s)", NUMBER),
         ("record_enter", "t.record_enter('myapp.db.Pool', 0.00042)", NUMBER),
         ("record_exit", "t.record_exit('myapp.db.Pool', 'ok', 0.00042)", NUMBER),
         ("record_next", "t.record_next('myapp.streams.rows', 0.00042)", NUMBER),

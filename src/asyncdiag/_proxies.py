@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import dis
 import inspect
 import sys
 import weakref
@@ -484,6 +485,28 @@ def _exited(rt: Runtime, site: Site, record: _Open | None, exc_type: Any, suppre
         _end_with_span(rt, record, outcome, duration, exc_type, site, task)
 
 
+# The instructions a coroutine suspends at (``await``, ``async for``, ``async with``), across
+# the versions we support (3.10 delegates with YIELD_FROM, 3.11+ with SEND/YIELD_VALUE).
+_SUSPENDING_OPCODES = frozenset(
+    dis.opmap[name] for name in (
+        "GET_AWAITABLE", "GET_AITER", "GET_ANEXT", "BEFORE_ASYNC_WITH", "SEND",
+        "YIELD_VALUE", "YIELD_FROM",
+    ) if name in dis.opmap
+)
+
+
+def may_suspend(func: Any) -> bool:
+    """False only for a plain ``async def`` whose own code never awaits: it runs to the end
+    in the step that calls it, so no cancellation can be delivered into it. Anything else
+    (awaits somewhere, a wrapper, a descriptor, not a function) may."""
+    if not inspect.isfunction(func) or not inspect.iscoroutinefunction(func):
+        return True
+    return any(
+        instruction.opcode in _SUSPENDING_OPCODES
+        for instruction in dis.get_instructions(func.__code__)
+    )
+
+
 def make_cm_methods(
     site: Site | None, call_enter: Caller, call_exit: Caller, *, owner: type | None,
 ) -> tuple[Callable[..., Awaitable[Any]], Callable[..., Awaitable[Any]]]:
@@ -500,6 +523,10 @@ def make_cm_methods(
     helper above.
     """
     active = [True]
+    # Whether a cancellation can reach the original __aexit__ at all. On 3.10/3.11 finding
+    # the current task costs a getpid() system call (asyncio's get_running_loop checks the
+    # pid), the largest single cost of an exit here: skipped when it cannot matter.
+    check_cancel = _HAS_CANCELLING and may_suspend(call_exit)
 
     # Fixed signatures, those of the protocol: packing ``*args, **kwargs`` on every call
     # costs more than all the measuring (the interpreter, and code that calls the dunders by
@@ -562,7 +589,7 @@ def make_cm_methods(
         cancelling = -1  # not known
         if rt is not None and s.fast is rt and (type(self) is owner or owner is None):
             # The common path, as in __aenter__.
-            if _HAS_CANCELLING:
+            if check_cancel:
                 # A cancellation delivered into __aexit__ and caught there leaves the task's
                 # count of pending cancellation requests higher than before.
                 loop = _get_running_loop()
@@ -598,11 +625,11 @@ def make_cm_methods(
         )):
             return await call_exit(self, exc_type, exc, tb)
         record = None
-        if _HAS_CANCELLING or rt.open:
+        if check_cancel or rt.open:
             loop = _get_running_loop()
             if loop is not None:
                 task = _task_of(loop)
-                if _HAS_CANCELLING:
+                if check_cancel:
                     # A cancellation delivered into __aexit__ and caught there leaves the
                     # task's count of pending cancellation requests higher than before.
                     try:
