@@ -797,3 +797,89 @@ def test_identical_modules_in_two_directories_get_their_own_locations(
         paths.append(str(path))
     locations = {f.location for f in asyncdiag.findings() if f.kind == "orphaned_asyncgen"}
     assert locations == {f"{paths[0]}:6", f"{paths[1]}:6"}
+
+
+# -- the loop's own generator set --------------------------------------------------------------
+
+
+def test_entries_under_the_loops_own_hooks_hold_no_weak_reference(
+    loop_factory: LoopFactory,
+) -> None:
+    """asyncio's and uvloop's hooks keep every generator in the loop's weak set: asyncdiag's
+    entries lean on it instead of holding a weak reference each (the cost per generator), and
+    are still pruned once the generator is finished or gone."""
+    asyncdiag.install(exporter="none")
+    kept: list[Any] = []
+    seen: dict[str, Any] = {}
+
+    async def main() -> None:
+        loop: Any = asyncio.get_running_loop()
+        chain = tracker()._orig_get().firstiter._asyncdiag_chain
+        seen["set found"] = chain.agens is not None
+        if hasattr(loop, "_asyncgens"):  # asyncio's is a Python attribute, uvloop's is not
+            seen["the loop's set"] = chain.agens is loop._asyncgens
+        suspended = numbers()
+        await suspended.__anext__()
+        finished = numbers()
+        assert [v async for v in finished] == [0, 1, 2]
+        dropped = numbers()
+        await dropped.__anext__()
+        dropped_key = id(dropped)
+        await dropped.aclose()
+        del dropped
+        registry = tracker().registry
+        seen["references"] = [registry[id(a)][0] for a in (suspended, finished)]
+        tracker().prune()
+        seen["kept"] = [key in registry for key in (id(suspended), id(finished), dropped_key)]
+        kept.append(suspended)
+
+    run_on(loop_factory, main())
+    assert seen["set found"] and seen.get("the loop's set", True)
+    assert seen["references"] == [None, None]
+    assert seen["kept"] == [True, False, False]
+    # Left open, closed by shutdown_asyncgens(), reported as such.
+    [finding] = orphans()
+    assert "shut down" in finding.message
+
+
+def test_loop_with_its_own_firstiter_hook_is_tracked_through_weak_references(
+    loop_factory: LoopFactory,
+) -> None:
+    """A loop class that overrides ``_asyncgen_firstiter_hook`` may keep no weak set: its
+    generators get a weak reference each, and every behaviour stays the same."""
+    probe = loop_factory()
+    base: Any = type(probe)
+    probe.close()
+    called: list[str] = []
+
+    class OwnHookLoop(base):  # type: ignore[misc, valid-type]
+        def _asyncgen_firstiter_hook(self, agen: Any) -> None:
+            called.append(agen.__qualname__)
+            super()._asyncgen_firstiter_hook(agen)
+
+    asyncdiag.install(exporter="none")
+    kept: list[Any] = []
+    lines: list[int] = []
+    seen: dict[str, Any] = {}
+
+    async def main() -> None:
+        chain = tracker()._orig_get().firstiter._asyncdiag_chain
+        seen["set found"] = chain.agens is not None
+        lines.append(here() + 1)
+        async for value in numbers():
+            if value == 1:
+                break
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        left_open = numbers()
+        await left_open.__anext__()
+        seen["reference"] = tracker().registry[id(left_open)][0] is not None
+        kept.append(left_open)
+
+    run_on(OwnHookLoop, main())
+    assert called == ["numbers", "numbers"]
+    assert seen == {"set found": False, "reference": True}
+    collected, at_shutdown = sorted(orphans(), key=lambda f: "shut down" in f.message)
+    assert collected.location == f"{__file__}:{lines[0]}"
+    assert "shut down" in at_shutdown.message
+    assert cleanups == ["numbers", "numbers"]

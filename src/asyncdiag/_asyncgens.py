@@ -20,17 +20,22 @@ keep working and uninstall restores only what is still ours (the same chaining t
 foreign generators in ``trio/_core/_asyncgens.py``). A loop that set its hooks through a
 reference it cached before install is re-chained at the start of its run (``on_run``).
 
-Per generator, the first-iteration hook records the code object and instruction offset of the
-first frame outside asyncio/contextlib/asyncdiag (the ``async for`` line; the line number is
-computed only if a finding is made) and the name of the current task, in a dict keyed by
-``id(agen)`` that holds a weak reference to the generator (no callback). Entries are not
-removed at the generator's death: CPython clears weak references (running their callbacks)
-*before* it calls the finalizer, which still needs the entry; and generators die at a few
-reused addresses, so the next generator's entry usually overwrites the dead one's. What is left
-is pruned in bulk, by a C-level pass (no Python frame per entry), once the dict has doubled
-since the last prune and at each metrics collection (on the collecting thread: no timer on
-any loop, which a program could observe), which also publishes ``asyncdiag.asyncgen.active``
-(one telemetry call per prune, not two per generator).
+Per generator, the first-iteration hook calls the hook it wraps, then records the code object
+and instruction offset of the first frame outside asyncio/contextlib/asyncdiag (the ``async
+for`` line; the line number is computed only if a finding is made) and the name of the current
+task, in a dict keyed by ``id(agen)``. That hook runs once for every generator of the program,
+so it does no more than that: whatever can wait is done when a finding is made or at prune.
+Liveness: asyncio's and uvloop's own firstiter hooks put every generator in the loop's weak set
+(``loop._asyncgens``, which ``shutdown_asyncgens`` closes), so an entry made under one of those
+hooks holds nothing and is alive while its generator is in that set; under any other hooks the
+entry holds a weak reference (no callback). Entries are not removed at the generator's death:
+CPython clears weak references (running their callbacks) *before* it calls the finalizer, which
+still needs the entry; and generators die at a few reused addresses, so the next generator's
+entry usually overwrites the dead one's. What is left is pruned in bulk, by C-level passes (no
+Python frame per entry), once the dict has doubled since the last prune and at each metrics
+collection (on the collecting thread: no timer on any loop, which a program could observe),
+which also publishes ``asyncdiag.asyncgen.active`` (one telemetry call per prune, not two per
+generator).
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from __future__ import annotations
 import asyncio
 import asyncio.base_events
 import contextlib
+import gc
 import logging
 import os
 import sys
@@ -47,7 +53,7 @@ import weakref
 from collections import deque
 from collections.abc import Callable
 from itertools import compress, repeat
-from operator import itemgetter, methodcaller, not_
+from operator import attrgetter, is_, itemgetter, methodcaller, not_
 from types import AsyncGeneratorType, CodeType, FrameType
 from typing import TYPE_CHECKING, Any
 
@@ -84,8 +90,18 @@ _getframe = sys._getframe
 _ref = weakref.ref
 _ref_of = itemgetter(0)
 _call = methodcaller("__call__")
-# Stands for an entry another thread removed meanwhile: its reference is dead.
-_GONE = (weakref.ref(type("_Gone", (), {})()),)
+_ag_frame: Callable[[Any], Any] = attrgetter("ag_frame")
+
+
+def _live_ids(agens: weakref.WeakSet[Any]) -> set[int]:
+    """The ids of the generators in a loop's weak set that are alive and unfinished.
+
+    ``set.copy`` of the set's references is one C call, so a loop thread adding meanwhile
+    cannot break it (iterating the WeakSet could: "Set changed size during iteration"), and
+    each generator is dereferenced, tested and released inside one C-level pass.
+    """
+    refs = agens.data.copy()  # type: ignore[attr-defined]
+    return set(map(id, filter(_ag_frame, filter(None, map(_call, refs)))))
 
 
 def _is_infrastructure(filename: str) -> bool:
@@ -183,10 +199,50 @@ def _wrapped_generator(agen: AnyAsyncGen) -> AnyAsyncGen | None:
     return None
 
 
-# Registry entry, keyed by ``id(agen)``: (weak reference to the generator, chain it was first
-# iterated under, code and byte offset of the iterating frame, task name). A tuple: the
-# cheapest record to build once per generator.
-Entry = tuple["weakref.ref[AnyAsyncGen]", "_Chain", "CodeType | None", int, "str | None"]
+# Registry entry, keyed by ``id(agen)``: (weak reference to the generator, or None when the
+# chain's loop keeps the generator in its own weak set; chain it was first iterated under;
+# code and byte offset of the iterating frame; task name). A tuple: the cheapest record to
+# build once per generator.
+Entry = tuple["weakref.ref[AnyAsyncGen] | None", "_Chain", "CodeType | None", int, "str | None"]
+
+
+def _loop_hook_functions() -> tuple[object, ...]:
+    """The firstiter hook implementations known to add every generator to the loop's
+    ``_asyncgens`` weak set (asyncio's, and uvloop's if uvloop is loaded: never imported
+    here)."""
+    known: list[object] = [
+        asyncio.base_events.BaseEventLoop._asyncgen_firstiter_hook,  # type: ignore[attr-defined]
+    ]
+    uvloop_loop = sys.modules.get("uvloop.loop")
+    uv_hook = getattr(getattr(uvloop_loop, "Loop", None), "_asyncgen_firstiter_hook", None)
+    if uv_hook is not None:
+        known.append(uv_hook)
+    return tuple(known)
+
+
+def _generators_set(
+    loop: asyncio.AbstractEventLoop, first: Hook | None
+) -> weakref.WeakSet[Any] | None:
+    """The weak set in which ``loop`` keeps every generator its firstiter hook ``first`` saw,
+    or None if ``first`` is not known to do that.
+
+    asyncio's and uvloop's hooks add the generator to ``loop._asyncgens`` (a WeakSet that
+    ``shutdown_asyncgens`` closes), and their finalizer hooks discard it. That set already
+    answers "is this generator still alive?", so generators first iterated under these hooks
+    need no weak reference of ours (creating it, and clearing it when the generator dies,
+    was about a fifth of the hook's cost). uvloop declares the set as a C-level attribute,
+    invisible to ``getattr``: it is found among the loop's referents, and only if it is the
+    only WeakSet there.
+    """
+    if getattr(first, "__self__", None) is not loop:
+        return None
+    if getattr(first, "__func__", None) not in _loop_hook_functions():
+        return None
+    found = getattr(loop, "_asyncgens", None)
+    if isinstance(found, weakref.WeakSet):
+        return found
+    candidates = [r for r in gc.get_referents(loop) if type(r) is weakref.WeakSet]
+    return candidates[0] if len(candidates) == 1 else None
 
 
 class _Chain:
@@ -198,7 +254,7 @@ class _Chain:
     under it, exactly as the wrapped hooks would have; after uninstall it passes calls through.
     """
 
-    __slots__ = ("__weakref__", "fin", "first", "loop", "tracker")
+    __slots__ = ("__weakref__", "agens", "fin", "first", "loop", "tracker")
 
     def __init__(self, tracker: AsyncgenTracker, first: Hook | None, fin: Hook) -> None:
         self.tracker = tracker
@@ -208,54 +264,102 @@ class _Chain:
         # chain: the one whose firstiter hook we call.
         owner = getattr(first, "__self__", None)
         self.loop = owner if isinstance(owner, asyncio.AbstractEventLoop) else None
+        # The loop's own weak set of its generators, when its hook keeps one (see
+        # _generators_set): entries then hold no weak reference.
+        self.agens = _generators_set(self.loop, first) if self.loop is not None else None
 
     def make_firstiter(self) -> Hook:
         """The first-iteration hook: a closure, because it runs once for every generator of
-        the program and cell loads are cheaper than attribute loads on ``self``."""
+        the program and cell loads are cheaper than attribute loads on ``self``.
+
+        The hook it wraps is called first: the generator is then in the loop's weak set before
+        its entry exists, so a prune (here, or on the metrics thread) never takes a fresh
+        entry for a dead one; and if that hook raises, the exception reaches the iterating
+        code as it would have, with nothing recorded.
+        """
         chain = self
         tracker = self.tracker
         registry = tracker.registry
         skip_get = tracker.skip_cache.get
         first = self.first
         chain_loop = self.loop
+        # The last code object found to be the program's (not asyncio's, contextlib's or
+        # ours): a hot call site then skips the file-name lookup. Code objects are immortal
+        # in practice, so holding one keeps nothing else alive.
+        user_code: CodeType | None = None
 
-        def firstiter(
-            agen: AnyAsyncGen,
-            _getframe: Callable[[int], FrameType] = _getframe,
-            _ref: Callable[[AnyAsyncGen], weakref.ref[AnyAsyncGen]] = _ref,
-            _id: Callable[[object], int] = id,
-            _len: Callable[[dict[int, Entry]], int] = len,
-        ) -> None:
-            if tracker.enabled:
-                try:
-                    try:
-                        frame: FrameType | None = _getframe(1)
-                    except ValueError:  # iterated from C code with no Python frame at all
-                        frame = None
-                    code: CodeType | None = None
-                    lasti = -1
-                    if frame is not None:
-                        code = frame.f_code
-                        if skip_get(code.co_filename) is False:
-                            lasti = frame.f_lasti
-                        else:
-                            code, lasti = tracker.locate(frame)
-                    # The loop whose hooks these are is the running one (asking asyncio for
-                    # the running loop costs more than all the rest here on 3.10/3.11).
-                    loop = chain_loop if chain_loop is not None else _get_running_loop()
-                    task = _current_task(loop) if loop is not None else None
-                    registry[_id(agen)] = (
-                        _ref(agen), chain, code, lasti,
-                        task.get_name() if task is not None else None,
-                    )
-                    if _len(registry) >= tracker.prune_at:
-                        tracker.prune()
-                except Exception as exc:
-                    tracker.failed(exc)
-            # Exactly the call the thread would have made without asyncdiag; whatever it
-            # raises reaches the iterating code as it would have.
-            if first is not None:
+        if self.agens is not None and first is not None and chain_loop is not None:
+            loop = chain_loop
+
+            def firstiter(
+                agen: AnyAsyncGen,
+                _getframe: Callable[[int], FrameType] = _getframe,
+                _id: Callable[[object], int] = id,
+                _len: Callable[[dict[int, Entry]], int] = len,
+            ) -> None:
+                nonlocal user_code
                 first(agen)
+                if tracker.enabled:
+                    try:
+                        code: CodeType | None
+                        try:
+                            frame = _getframe(1)
+                        except ValueError:  # iterated from C code with no Python frame
+                            code, lasti = None, -1
+                        else:
+                            code = frame.f_code
+                            if code is user_code:
+                                lasti = frame.f_lasti
+                            elif skip_get(code.co_filename) is False:
+                                user_code = code
+                                lasti = frame.f_lasti
+                            else:
+                                code, lasti = tracker.locate(frame)
+                        task = _current_task(loop)
+                        registry[_id(agen)] = (
+                            None, chain, code, lasti,
+                            task.get_name() if task is not None else None,
+                        )
+                        if _len(registry) >= tracker.prune_at:
+                            tracker.prune()
+                    except Exception as exc:
+                        tracker.failed(exc)
+
+        else:
+
+            def firstiter(
+                agen: AnyAsyncGen,
+                _getframe: Callable[[int], FrameType] = _getframe,
+                _id: Callable[[object], int] = id,
+                _len: Callable[[dict[int, Entry]], int] = len,
+            ) -> None:
+                # Exactly the call the thread would have made without asyncdiag.
+                if first is not None:
+                    first(agen)
+                if tracker.enabled:
+                    try:
+                        code: CodeType | None
+                        try:
+                            frame = _getframe(1)
+                        except ValueError:
+                            code, lasti = None, -1
+                        else:
+                            code = frame.f_code
+                            if skip_get(code.co_filename) is False:
+                                lasti = frame.f_lasti
+                            else:
+                                code, lasti = tracker.locate(frame)
+                        # The loop whose hooks these are is the running one.
+                        loop = chain_loop if chain_loop is not None else _get_running_loop()
+                        task = _current_task(loop) if loop is not None else None
+                        registry[_id(agen)] = (
+                            _ref(agen), chain, code, lasti,
+                            task.get_name() if task is not None else None,
+                        )
+                        if _len(registry) >= tracker.prune_at:
+                            tracker.prune()
+                    except Exception as exc:
+                        tracker.failed(exc)
 
         firstiter._asyncdiag_chain = chain  # type: ignore[attr-defined]
         return firstiter
@@ -514,25 +618,59 @@ class AsyncgenTracker:
         return frame.f_code, frame.f_lasti
 
     def prune(self) -> None:
-        """Drop the entries of collected generators, resize, publish the active count."""
+        """Drop the entries of collected or finished generators, publish the active count.
+
+        No generator is held across Python bytecodes here (this also runs on the metrics
+        thread): were the last reference to one ours, its finalizer would run in this thread.
+        Liveness is read in C-level passes, and an entry is removed only if it is still the
+        one classified (a key re-registered meanwhile for a new generator keeps its entry).
+        """
         registry = self.registry
-        # One C-level pass, no Python frame per entry: pop the keys whose generator is gone
-        # or finished (dead reference -> None; finished generator -> ag_frame None). Each
-        # entry is read and popped inside the same C loop, where no other thread runs, so a
-        # key just re-registered for a new generator at the same address is never lost.
         keys = list(registry)
+        entries = list(map(registry.get, keys, repeat(None)))
+        ref_keys: list[int] = []
+        ref_entries: list[Entry] = []
+        doomed_keys: list[int] = []
+        doomed_entries: list[Entry] = []
+        by_set: dict[int, tuple[weakref.WeakSet[Any], list[int], list[Entry]]] = {}
+        for key, entry in zip(keys, entries, strict=True):
+            if entry is None:
+                continue
+            if entry[0] is not None:
+                ref_keys.append(key)
+                ref_entries.append(entry)
+                continue
+            agens = entry[1].agens
+            if agens is None:  # cannot happen (such chains hold references): never kept blind
+                doomed_keys.append(key)
+                doomed_entries.append(entry)
+                continue
+            group = by_set.get(id(agens))
+            if group is None:
+                group = by_set[id(agens)] = (agens, [], [])
+            group[1].append(key)
+            group[2].append(entry)
+        # Entries holding a weak reference: dead (None) or finished (ag_frame None).
+        dead = list(map(not_, map(getattr, map(_call, map(_ref_of, ref_entries)),
+                                  repeat("ag_frame"), repeat(None))))
+        doomed_keys += compress(ref_keys, dead)
+        doomed_entries += compress(ref_entries, dead)
+        # Entries of a loop's generators: alive while in the loop's weak set and unfinished.
+        for agens, group_keys, group_entries in by_set.values():
+            live = _live_ids(agens)
+            gone = [key not in live for key in group_keys]
+            doomed_keys += compress(group_keys, gone)
+            doomed_entries += compress(group_entries, gone)
+        # Each entry is read and popped inside the same C loop, where no other thread runs.
         deque(
-            map(
-                registry.pop,
-                compress(keys, map(not_, map(getattr, map(_call, map(_ref_of, map(
-                    registry.get, keys, repeat(_GONE)))), repeat("ag_frame"), repeat(None)))),
-                repeat(None),
-            ),
+            map(registry.pop,
+                compress(doomed_keys, map(is_, map(registry.get, doomed_keys), doomed_entries)),
+                repeat(None)),
             maxlen=0,
         )
-        live = len(registry)
-        self.prune_at = max(2 * live, _MIN_PRUNE)
-        self._publish_active(live)
+        live_count = len(registry)
+        self.prune_at = max(2 * live_count, _MIN_PRUNE)
+        self._publish_active(live_count)
 
     def _publish_active(self, live: int) -> None:
         # Prunes run on loop threads and on the metrics collecting thread.
@@ -575,18 +713,33 @@ class AsyncgenTracker:
         )
 
     def _report_alive_at_shutdown(self, loop: asyncio.AbstractEventLoop) -> None:
-        """``loop.shutdown_asyncgens()`` is about to close whatever the program left open."""
+        """``loop.shutdown_asyncgens()`` is about to close whatever the program left open.
+
+        Runs in the loop's thread, which shutdown_asyncgens() itself then holds all these
+        generators strongly from, so holding them here changes nothing.
+        """
         registry = self.registry
-        for key, entry in list(registry.items()):
-            if entry[1].loop is not loop:
+        in_sets: dict[int, dict[int, AnyAsyncGen]] = {}
+        for key in list(registry):
+            entry = registry.get(key)
+            if entry is None or entry[1].loop is not loop:
                 continue
-            agen = entry[0]()
+            ref = entry[0]
+            if ref is None:
+                agens = entry[1].agens
+                members = in_sets.get(id(agens))
+                if members is None:
+                    members = in_sets[id(agens)] = {id(a): a for a in list(agens or ())}
+                agen = members.get(key)
+            else:
+                agen = ref()
             if agen is None or agen.ag_frame is None:
                 continue
             # A generator still inside __anext__ is being iterated by a pending task (aclose
             # will fail on it); a created one never ran: neither was left open by the program.
             if agen.ag_running or not _started(agen):
                 continue
+            # Alive, so no other generator can have taken its key meanwhile.
             if registry.pop(key, None) is None:
                 continue
             _report_orphan(
