@@ -1,6 +1,7 @@
 """The asyncgen tracker's own cost and memory, measured precisely on a shared machine.
 
     python benchmarks/bench_asyncgens.py cpu [--runs 31] [--loop asyncio|uvloop]
+    python benchmarks/bench_asyncgens.py instructions [--loop asyncio|uvloop]
     python benchmarks/bench_asyncgens.py memory [--generators 1000000] [--loop ...]
 
 ``cpu`` times the generator sections of ``sections_asyncgens.py`` with *process CPU time*
@@ -9,6 +10,15 @@ wall clock of ``run.py``) under three variants, alternated run by run: ``plain``
 (``install(track_asyncgens=False)``: every other component) and ``tracker`` (the default
 install). It prints the median of the per-run ratios and the ratio of the minima (the most
 stable estimate of a CPU-bound cost); ``tracker/agent`` is the tracker's share alone.
+
+``instructions`` counts what ``cpu`` times, with valgrind (``apt-get install valgrind``; a
+few minutes per loop): CPU time on a shared machine moves by 5-15 % between identical runs,
+instruction counts do not. Each count is the main thread's (``--separate-threads``), and the
+difference between a workload run at N and 2N (generators, or section repetitions) divided by
+N, so start-up, install and loop creation cancel out. It prints instructions per generator of
+a tight first-iteration loop (``asyncgen_tiny``'s shape) for each variant, and each section's
+``tracker/plain`` and ``agent/plain`` in instructions. Instructions are not time (cycles per
+instruction differ, system calls are not in it): use it to compare versions of the hook.
 
 ``memory`` churns N generators (a quarter orphaned, a quarter closed with ``aclose()``, half
 exhausted) on one loop with the agent installed, and prints RSS and tracemalloc-free process
@@ -20,10 +30,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import os
 import pathlib
+import re
 import resource
+import shutil
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
@@ -94,6 +109,88 @@ def cpu(runs: int, kind: str) -> None:
               f"{min(times['tracker']) / min(times['agent']):.3f} |", flush=True)
 
 
+def run_child(variant: str, kind: str, workload: str, count: int) -> None:
+    """In the valgrind child: one workload, ``count`` times (generators or section runs)."""
+    import asyncdiag
+
+    if variant != "plain":
+        asyncdiag.install(exporter="none", track_asyncgens=(variant == "tracker"))
+    loop = factory_for(kind)()
+    asyncio.set_event_loop(loop)
+    try:
+        if workload == "generators":
+            loop.run_until_complete(first_iterations(1000))  # warm-up: caches, specialisation
+            gc.collect()
+            gc.freeze()  # later collections do not rescan start-up objects N- or 2N-dependently
+            loop.run_until_complete(first_iterations(count))
+        else:
+            body = SECTIONS[workload]
+            loop.run_until_complete(body())
+            gc.collect()
+            gc.freeze()
+            for _ in range(count):
+                loop.run_until_complete(body())
+        loop.run_until_complete(loop.shutdown_asyncgens())
+    finally:
+        asyncio.set_event_loop(None)
+        loop.close()
+        asyncdiag.uninstall()
+
+
+async def _item(value: int) -> AsyncIterator[int]:
+    yield value
+
+
+async def first_iterations(n: int) -> None:
+    for i in range(n):
+        async for _ in _item(i):
+            pass
+
+
+def count_instructions(variant: str, kind: str, workload: str, count: int) -> int:
+    # Under valgrind the workload is one long loop step, 50x slower: with the default
+    # thresholds the watchdog would sample it and the heartbeat would run far more often per
+    # generator than at full speed. Neither changes what a first iteration executes.
+    env = {**os.environ, "PYTHONHASHSEED": "0", "ASYNCDIAG_SLOW_CALLBACK_MS": "60000",
+           "ASYNCDIAG_BLOCKED_MS": "600000"}
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "callgrind.out")
+        result = subprocess.run(
+            ["valgrind", "--tool=callgrind", "--separate-threads=yes",
+             f"--callgrind-out-file={out}", sys.executable, __file__, "child", variant, kind,
+             workload, str(count)],
+            capture_output=True, text=True, check=False, env=env,
+        )
+        main_thread = pathlib.Path(out + "-01")
+        found = (re.search(r"^totals: (\d+)", main_thread.read_text(), re.MULTILINE)
+                 if main_thread.exists() else None)
+    if result.returncode != 0 or found is None:
+        raise SystemExit(f"{variant} {workload}: valgrind run failed:\n{result.stderr[-2000:]}")
+    return int(found.group(1))
+
+
+def instructions(kind: str, generators: int) -> None:
+    if shutil.which("valgrind") is None:
+        raise SystemExit("valgrind is not installed (apt-get install valgrind)")
+    print(f"# Python {sys.version.split()[0]}, {kind}, instructions (main thread, valgrind)")
+    per_gen = {}
+    for v in VARIANTS:
+        per_gen[v] = (count_instructions(v, kind, "generators", 2 * generators)
+                      - count_instructions(v, kind, "generators", generators)) / generators
+        print(f"first iteration loop, {v:8} {per_gen[v]:8.0f} instructions per generator",
+              flush=True)
+    print(f"tracker's own cost (tracker - agent): {per_gen['tracker'] - per_gen['agent']:.0f} "
+          "instructions per generator")
+    print("| section | plain (M instructions per run) | agent/plain | tracker/plain |")
+    print("|---|---|---|---|")
+    for name in ("asyncgen_stream", "asyncgen_many"):
+        per_run = {v: (count_instructions(v, kind, name, 3)
+                       - count_instructions(v, kind, name, 1)) / 2 for v in VARIANTS}
+        print(f"| {name} | {per_run['plain'] / 1e6:.1f} | "
+              f"{per_run['agent'] / per_run['plain']:.3f} | "
+              f"{per_run['tracker'] / per_run['plain']:.3f} |", flush=True)
+
+
 def rss_kib() -> int:
     for line in pathlib.Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -158,15 +255,23 @@ def memory(generators: int, kind: str) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("mode", choices=("cpu", "memory"))
+    if sys.argv[1:2] == ["child"]:
+        variant, kind, workload, count = sys.argv[2:6]
+        run_child(variant, kind, workload, int(count))
+        return 0
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("mode", choices=("cpu", "instructions", "memory"))
     parser.add_argument("--runs", type=int, default=31)
     parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
-    parser.add_argument("--generators", type=int, default=1_000_000)
+    parser.add_argument("--generators", type=int, default=None,
+                        help="memory: 1,000,000 by default; instructions: 20,000")
     args = parser.parse_args()
     if args.mode == "cpu":
         cpu(args.runs, args.loop)
+    elif args.mode == "instructions":
+        instructions(args.loop, args.generators or 20_000)
     else:
-        memory(args.generators, args.loop)
+        memory(args.generators or 1_000_000, args.loop)
     return 0
 
 
