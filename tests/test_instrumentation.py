@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import importlib
 import inspect
 import logging
 import sys
 import textwrap
+import time
 import traceback
 import types
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -128,6 +130,7 @@ def kinds() -> list[str]:
 SEED = '''
 import asyncio
 import contextlib
+import gc
 import sys
 from contextlib import asynccontextmanager
 
@@ -324,6 +327,7 @@ def test_seed_examples_behave_identically_and_are_measured(
 MISTAKES = '''
 import asyncio
 import contextlib
+import gc
 
 class Forgiving:
     async def __aenter__(self):
@@ -488,6 +492,7 @@ def test_generator_swallowing_cancellation_is_found(
 NESTING = '''
 import asyncio
 import contextlib
+import gc
 from opentelemetry import trace
 
 class Outer:
@@ -603,6 +608,7 @@ def test_exit_outcomes_in_metrics(
 TARGETS = '''
 import asyncio
 import contextlib
+import gc
 from contextlib import asynccontextmanager
 
 class Base:
@@ -760,6 +766,7 @@ def test_bad_targets_warn_once_and_the_program_runs_on(
 DECORATED = '''
 import asyncio
 import contextlib
+import gc
 from contextlib import asynccontextmanager
 import asyncdiag
 
@@ -830,6 +837,7 @@ def test_decorating_a_non_async_object_warns_and_returns_it(
 TRANSPARENCY = '''
 import asyncio
 import contextlib
+import gc
 
 class Raises:
     async def __aenter__(self):
@@ -1071,6 +1079,7 @@ def test_container_activation_by_environment_only(tmp_path: Path) -> None:
 ITERATORS = '''
 import asyncio
 import contextlib
+import gc
 
 class Countdown:
     def __init__(self, n):
@@ -1227,3 +1236,150 @@ def test_may_suspend_is_false_only_for_an_async_def_that_never_awaits() -> None:
     assert all(_proxies.may_suspend(f) for f in (awaits, iterates, enters))
     assert _proxies.may_suspend(lambda self, *exc: releases(self, *exc))  # opaque: assume so
     assert _proxies.may_suspend(object())
+
+
+# -- item counts and per-request timing, traced and metrics-only ----------------------------------
+
+COUNTING = '''
+import asyncio
+import contextlib
+import gc
+import time
+
+
+async def numbers(n, fail_at=None):
+    for i in range(n):
+        if i == fail_at:
+            raise ValueError(i)
+        yield i
+
+
+async def catcher():
+    try:
+        yield 0
+    except KeyError:
+        yield -1
+    yield 1
+'''
+
+
+async def _exhaust(mod: Any) -> list[int]:
+    return [i async for i in mod.numbers(70)]
+
+
+async def _break_and_drop(mod: Any) -> list[int]:
+    got = []
+    async for i in mod.numbers(70):
+        got.append(i)
+        if i == 40:
+            break
+    return got
+
+
+async def _break_and_aclose(mod: Any) -> list[int]:
+    gen = mod.numbers(70)
+    got = []
+    async for i in gen:
+        got.append(i)
+        if i == 5:
+            break
+    await gen.aclose()
+    return got
+
+
+async def _error(mod: Any) -> list[int]:
+    got: list[int] = []
+    with pytest.raises(ValueError):
+        async for i in mod.numbers(70, fail_at=50):
+            got.append(i)
+    return got
+
+
+async def _asend_then_iterate(mod: Any) -> list[int]:
+    gen = mod.numbers(10)
+    got = [await gen.asend(None), await gen.asend(1)]
+    got += [i async for i in gen]
+    return got
+
+
+async def _athrow(mod: Any) -> list[int]:
+    gen = mod.catcher()
+    got = [await gen.__anext__(), await gen.athrow(KeyError("k"))]
+    got += [i async for i in gen]
+    return got
+
+
+async def _iterate_twice(mod: Any) -> list[int]:
+    gen = mod.numbers(3)
+    got = [i async for i in gen]
+    got += [i async for i in gen]
+    with pytest.raises(StopAsyncIteration):
+        await gen.__anext__()
+    return got
+
+
+async def _aclosing_after_exhaustion(mod: Any) -> list[int]:
+    async with contextlib.aclosing(mod.numbers(4)) as gen:
+        return [i async for i in gen]
+
+
+@pytest.mark.parametrize("sampled", [True, False], ids=["traced", "metrics-only"])
+@pytest.mark.parametrize("consume", [
+    _exhaust, _break_and_drop, _break_and_aclose, _error, _asend_then_iterate, _athrow,
+    _iterate_twice, _aclosing_after_exhaustion,
+], ids=lambda f: f.__name__.strip("_"))
+def test_yields_count_the_items_the_consumer_received(
+    loop_factory: Callable[[], asyncio.AbstractEventLoop], modules: Modules,
+    sampled: bool, consume: Callable[[Any], Coroutine[Any, Any, list[int]]],
+) -> None:
+    otel = Otel(sampled=sampled)
+    try:
+        name = modules.write(COUNTING)
+        otel.install(f"{name}.*")
+        mod = importlib.import_module(name)
+        received = run_on(loop_factory, consume(mod))
+        gc.collect()
+        yields = sum(p.value for p in otel.points(_names.ITERATOR_YIELDS.name))
+        assert yields == len(received) > 0
+        # The first request and then one in TIMING_STRIDE are timed.
+        timed = sum(p.count for p in otel.points(_names.ITERATOR_NEXT_DURATION.name))
+        assert 1 <= timed <= 1 + len(received) // _proxies.TIMING_STRIDE + 1
+    finally:
+        asyncdiag.uninstall()
+        otel.shutdown()
+
+
+SLOW_CONSUMER = '''
+async def quick(n):
+    for i in range(n):
+        yield i
+'''
+
+
+@pytest.mark.parametrize("sampled", [True, False], ids=["traced", "metrics-only"])
+def test_next_duration_times_one_request_not_the_consumer(
+    loop_factory: Callable[[], asyncio.AbstractEventLoop], modules: Modules, sampled: bool,
+) -> None:
+    """A timed request is the generator's time to produce one item: the consumer's work
+    between the timed item and the next is not in it (it used to take 32 items' worth)."""
+    otel = Otel(sampled=sampled)
+    try:
+        name = modules.write(SLOW_CONSUMER)
+        otel.install(f"{name}:quick")
+        mod = importlib.import_module(name)
+
+        async def main() -> int:
+            count = 0
+            async for _ in mod.quick(70):
+                time.sleep(0.002)  # the consumer's work per item
+                count += 1
+            return count
+
+        assert run_on(loop_factory, main()) == 70
+        gc.collect()
+        (point,) = otel.points(_names.ITERATOR_NEXT_DURATION.name)
+        assert point.count == 3  # requests 1, 33 and 65
+        assert point.max < 0.002, point.max
+    finally:
+        asyncdiag.uninstall()
+        otel.shutdown()

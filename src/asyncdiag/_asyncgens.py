@@ -61,7 +61,7 @@ import wrapt
 from opentelemetry import trace
 
 from . import _findings, _names, _safety
-from ._frames import is_own_machinery
+from ._frames import code_location, is_own_machinery
 from ._patching import Patcher
 
 if TYPE_CHECKING:
@@ -139,34 +139,10 @@ else:
         return frame is not None and frame.f_lasti != -1
 
 
-def _line_of(code: CodeType, lasti: int) -> int:
-    """The source line of the instruction at byte offset ``lasti`` (``frame.f_lineno`` costs
-    a line-table walk on every first iteration; this is paid only when a finding is made)."""
-    for start, end, line in code.co_lines():
-        if start <= lasti < end and line is not None:
-            return line
-    return code.co_firstlineno
-
-
-# A hot orphaning site repeats the same (code, offset) and the same generator function:
-# their text is computed once. Bounded: cleared when full (code objects are kept alive).
+# A hot orphaning site repeats the same generator function: its text is computed once.
+# Bounded: cleared when full (code objects are kept alive).
 _TEXT_CACHE_SIZE = 2048
-_locations: dict[tuple[CodeType, str, int], str] = {}
 _subjects: dict[tuple[CodeType, str, str], tuple[str, str]] = {}
-
-
-def _location(code: CodeType | None, lasti: int) -> str | None:
-    if code is None:
-        return None
-    # Code objects compare equal across files (their equality ignores co_filename): the same
-    # module loaded from two directories must not share a cached location.
-    key = (code, code.co_filename, lasti)
-    text = _locations.get(key)
-    if text is None:
-        if len(_locations) >= _TEXT_CACHE_SIZE:
-            _locations.clear()
-        text = _locations[key] = f"{code.co_filename}:{_line_of(code, lasti)}"
-    return text
 
 
 def _subject(agen: AnyAsyncGen) -> tuple[str, str]:
@@ -758,7 +734,7 @@ def _report_orphan(agen: AnyAsyncGen, entry: Entry, what_happened: str) -> None:
         f"async generator {subject} (defined at {defined}) {what_happened}; close it with "
         "aclose() or iterate it under contextlib.aclosing()",
         subject,
-        location=_location(code, lasti),
+        location=code_location(code, lasti),
         task=task,
         span=_no_span(),
     )
