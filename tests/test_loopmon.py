@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import re
 import sys
 import threading
 import time
@@ -576,3 +577,90 @@ def test_last_slow_step_of_a_run_is_in_findings_right_after_the_run(
     lines = sorted(f.location or "" for f in asyncdiag.findings() if f.kind == "slow_callback")
     assert len(lines) == 2, lines
     assert all(__file__ in line for line in lines)
+
+
+def hop_through_lines(seconds: float) -> int:
+    """Block for ``seconds`` moving through many distinct lines of this one frame, each as
+    cheap as the next. Each calls a builtin: a thread hands the GIL over only at some
+    instructions (calls, loop back-edges), so these are the lines another thread finds it on;
+    and no Python call, so that the innermost frame stays this live one, whose line keeps
+    changing."""
+    end = time.perf_counter() + seconds
+    n = 0
+    while time.perf_counter() < end:
+        n = abs(n - 9)
+        n = max(n, 3)
+        n = min(n, 1 << 20)
+        n = int(n) ^ 0x55
+        n = hash(n) & 0xFFFF
+        n = abs(n + 7)
+        n = max(n - 1, 0)
+        n = min(n + 2, 1 << 16)
+        n = int(n) | 1
+        n = hash(n) + 3
+        n = abs(n ^ 0x2A)
+        n = max(n, 5) - 4
+    return n
+
+
+_FRAME_LINE = re.compile(r'File "(?P<file>[^"]+)", line (?P<line>\d+)')
+
+
+def innermost_app_frame(stack: tuple[str, ...]) -> str | None:
+    """``path:line`` of the innermost frame of this file in a formatted stack (outermost
+    first): this file is the only application code the blocking steps run."""
+    found = None
+    for entry in stack:
+        match = _FRAME_LINE.search(entry)
+        if match is not None and match["file"] == HERE:
+            found = f"{match['file']}:{match['line']}"
+    return found
+
+
+def test_location_is_the_innermost_line_of_the_findings_stack(
+    loop_factory: LoopFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A finding's location and its stack show the same moment of the loop thread, however
+    far the thread has run on by the time the watchdog reports."""
+    from asyncdiag import _watchdog
+
+    # Between sampling the loop thread and reporting, the watchdog really lets the loop thread
+    # run: the /proc read for the run-queue wait, and the thread-registry lock taken for the
+    # thread's name (when contended). The stand-ins hand the GIL over for sure, the second
+    # until the loop thread is on another line: a finding whose stack was read after it and
+    # whose location before would then disagree every time, not by chance.
+    real_wait, real_name = _watchdog._runqueue_wait, _watchdog._thread_name
+
+    def wait_handing_off(native_id: int | None) -> int | None:
+        time.sleep(0.002)
+        return real_wait(native_id)
+
+    def name_once_the_loop_moved_on(thread_id: int | None) -> str:
+        frame = sys._current_frames().get(thread_id) if thread_id is not None else None
+        if frame is not None:
+            line = frame.f_lineno
+            deadline = time.monotonic() + 0.5
+            while frame.f_lineno == line and time.monotonic() < deadline:
+                time.sleep(0.001)
+        del frame
+        return real_name(thread_id)
+
+    monkeypatch.setattr(_watchdog, "_runqueue_wait", wait_handing_off)
+    monkeypatch.setattr(_watchdog, "_thread_name", name_once_the_loop_moved_on)
+    install(slow_callback_duration=0.05, blocked_threshold=0.1)
+
+    async def main() -> None:
+        # Several blocking steps, for several findings of each kind.
+        for _ in range(3):
+            await asyncio.sleep(0.03)
+            hop_through_lines(0.25)
+        await asyncio.sleep(0.03)
+
+    run_on(loop_factory, main())
+    wait_for(lambda: sum(f.count for f in of_kind("slow_callback")) >= 3)
+    found = of_kind("slow_callback") + of_kind("loop_blocked")
+    assert {f.kind for f in found} == {"slow_callback", "loop_blocked"}, found
+    for finding in found:
+        assert finding.location is not None and HERE in finding.location, finding
+        assert finding.location == innermost_app_frame(finding.stack), (
+            finding.kind, finding.location, finding.stack)

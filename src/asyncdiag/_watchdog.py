@@ -13,7 +13,8 @@ small tasks) and is impossible on uvloop, whose handles are compiled. Instead:
   (``asyncio.current_task(loop)`` works from another thread) and the step's entry frame (the
   frame called by the loop machinery, found by walking down to the frame that called the beat).
   A step therefore started at most one poll before the first sample that showed its identity,
-  and never before the last beat ran.
+  and never before the last beat ran. A step looked at closely has its stack copied as plain
+  data in the same breath, before the watchdog does anything that lets the loop thread run on.
 * When the pending beat finally runs (or the identity changes), the step is over; if it lasted
   longer than ``slow_callback_duration`` it becomes a ``slow_callback`` finding naming the task
   and the line most often seen running. While it is still running past ``blocked_threshold`` it
@@ -37,9 +38,9 @@ import threading
 import time
 import traceback
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from types import FrameType
+from types import CodeType, FrameType
 from typing import Any
 
 from . import _findings, _names, _safety
@@ -67,36 +68,72 @@ _LIBRARY_DIRS: tuple[str, ...] = tuple(
     )
 )
 _MAX_STACK = 40
+# How far down the loop thread's stack the watchdog looks for the step's entry frame.
+_MAX_DEPTH = 500
 
 
 def _qualname(code: Any) -> str:
     return str(getattr(code, "co_qualname", None) or code.co_name)
 
 
-def _frame_location(frame: FrameType) -> str:
-    return f"{frame.f_code.co_filename}:{frame.f_lineno}"
-
-
 def _is_library(filename: str, dirs: tuple[str, ...] = _LIBRARY_DIRS) -> bool:
     return filename.startswith(dirs) or filename.startswith("<frozen")
 
 
-RawStack = tuple[tuple[str, int, str], ...]
+RawFrame = tuple[str, int, str]  # filename, line, function
+RawStack = tuple[RawFrame, ...]
 
 
-def _extract_stack(top: FrameType, stop: FrameType | None = None) -> RawStack:
-    """The stack from the outermost frame of the step (or the thread) to ``top``, as plain
-    data: cheap, and keeps no frame (nor its locals) alive."""
-    frames: list[tuple[str, int, str]] = []
+@dataclass(frozen=True, slots=True)
+class _Snapshot:
+    """The loop thread's stack at one sample, as plain data: keeps no frame (nor its locals)
+    alive, and no longer moves when the loop thread runs on."""
+
+    stack: RawStack  # the thread's innermost frames (at most _MAX_STACK), outermost first
+    step_frames: int  # how many of the innermost ones belong to the step (down to its entry)
+    location: str
+
+    def step_stack(self) -> RawStack:
+        return self.stack[-self.step_frames:]
+
+
+def _snapshot(top: FrameType, entry: FrameType) -> _Snapshot:
+    """Copy the stack from ``top`` down to the step's ``entry`` frame, and on to _MAX_STACK
+    frames of the thread, in one walk. The frames are live: each ``f_lineno`` is read once, so
+    that a finding's location, its slow_callback stack and its loop_blocked stack all show the
+    same moment; read again later, they would show wherever the loop thread had got to."""
+    inner_first: list[RawFrame] = []
+    step = 0
     frame: FrameType | None = top
-    while frame is not None and len(frames) < _MAX_STACK:
+    while frame is not None and (not step or len(inner_first) < _MAX_STACK) \
+            and len(inner_first) < _MAX_DEPTH:
         code = frame.f_code
-        frames.append((code.co_filename, frame.f_lineno or 0, code.co_name))
-        if frame is stop:
-            break
+        inner_first.append((code.co_filename, frame.f_lineno or 0, code.co_name))
+        if frame is entry:
+            step = len(inner_first)
         frame = frame.f_back
-    frames.reverse()
-    return tuple(frames)
+    if not step:
+        # The entry frame is no longer below top: the loop thread got the GIL back since
+        # _step_of (a forced switch) and the step's coroutine suspended, which leaves its
+        # frames without a caller. Take what was seen.
+        step = len(inner_first)
+    location = _location(inner_first, step)
+    del inner_first[_MAX_STACK:]
+    inner_first.reverse()
+    return _Snapshot(tuple(inner_first), min(step, _MAX_STACK), location)
+
+
+def _location(inner_first: Sequence[RawFrame], step: int) -> str:
+    """The line a finding points at, among the step's ``step`` innermost frames."""
+    # Application code first; an application installed into site-packages still beats
+    # the standard library; else the innermost frame.
+    for dirs in (_LIBRARY_DIRS, _STDLIB_DIRS):
+        for index in range(step):
+            filename, lineno, _ = inner_first[index]
+            if not _is_library(filename, dirs):
+                return f"{filename}:{lineno}"
+    filename, lineno, _ = inner_first[0]
+    return f"{filename}:{lineno}"
 
 
 def _format_stack(raw: RawStack) -> tuple[str, ...]:
@@ -105,6 +142,18 @@ def _format_stack(raw: RawStack) -> tuple[str, ...]:
         [traceback.FrameSummary(filename, lineno, name) for filename, lineno, name in raw]
     )
     return tuple(summary.format())
+
+
+@dataclass(slots=True)
+class _Sample:
+    """What one poll saw of one loop, read before the watchdog acts on any loop."""
+
+    running: bool
+    pending: bool  # a beat was posted and has not run: the loop has not turned since
+    identity: tuple[int, int] | None = None  # (task, entry frame) of the step running
+    task: asyncio.Task[Any] | None = None
+    entry_code: CodeType | None = None
+    snapshot: _Snapshot | None = None  # only for a step old enough to be looked at closely
 
 
 @dataclass
@@ -375,40 +424,75 @@ class Watchdog:
         now = _monotonic()
         self._polls += 1
         check = self._per_loop is not None and self._polls % _CHECK_EVERY == 0
+        # Every loop is sampled before any is acted on: acting may release the GIL (the
+        # /proc reads, reports, logging, a contended lock), and the loop threads then run on,
+        # so frames read afterwards would no longer show the moment of the sample.
+        samples: list[tuple[int, LoopState, asyncio.AbstractEventLoop | None, _Sample | None]]
+        samples = []
         for key, state in items:
             loop = state.loop_ref()
-            if loop is None or loop.is_closed():
+            sample = None
+            if loop is not None and not loop.is_closed():
+                sample = self._sample(state, loop, frames, now)
+            samples.append((key, state, loop, sample))
+        del frames
+        for key, state, loop, sample in samples:
+            if loop is None or sample is None:
                 self._finish_stall(state, now)
                 with self._lock:
                     if self._states.get(key) is state:
                         del self._states[key]
                 continue
-            self._poll(state, loop, frames, now)
+            self._poll(state, loop, sample, now)
             state.last_poll = now
             if state.exact:
                 self._report_unmatched_exact(state, now)
             if check and self._per_loop is not None:
                 self._per_loop(loop)
-        del frames
         return "polled"
 
-    def _poll(
+    def _sample(
         self,
         state: LoopState,
         loop: asyncio.AbstractEventLoop,
         frames: dict[int, FrameType],
         now: float,
-    ) -> None:
+    ) -> _Sample:
+        """Read what ``_poll`` needs from the loop thread: no I/O, no lock, no logging, so
+        that nothing here hands the GIL to the loop thread."""
+        pending = state.pending_seq != state.ran_seq
         if not loop.is_running():
-            if state.pending_seq != state.ran_seq:
+            return _Sample(False, pending)
+        top = frames.get(state.thread_id) if state.thread_id is not None else None
+        entry, task = self._step_of(state, loop, top)
+        if top is None or entry is None:
+            return _Sample(True, pending)
+        identity = (id(task), id(entry))
+        snapshot = None
+        # Copy the stack only where _poll may look closely (the same step as last poll, run
+        # for sample_after already; a new step's run starts now): not on every poll.
+        if pending and identity == state.run_identity and (
+            state.stall is not None
+            or now - max(state.run_since, state.last_run) >= self._sample_after
+        ):
+            snapshot = _snapshot(top, entry)
+        return _Sample(True, pending, identity, task, entry.f_code, snapshot)
+
+    def _poll(
+        self,
+        state: LoopState,
+        loop: asyncio.AbstractEventLoop,
+        sample: _Sample,
+        now: float,
+    ) -> None:
+        if not sample.running:
+            if sample.pending:
                 state.stale = True
             self._finish_stall(state, now)
             state.run_identity = None
             return
-        pending = state.pending_seq != state.ran_seq
-        top = frames.get(state.thread_id) if state.thread_id is not None else None
-        entry, task = self._step_of(state, loop, top)
-        identity = (id(task), id(entry)) if entry is not None else None
+        pending = sample.pending
+        identity = sample.identity
         if identity == state.run_identity and now - state.last_poll > 2.5 * self.settings.poll:
             # The watchdog itself was not scheduled for a while (overloaded machine): no beat
             # was posted, so loop turns in the gap went unseen and the same task/frame may be
@@ -425,25 +509,30 @@ class Watchdog:
         start = max(state.run_since, state.last_run)
         # A step is looked at closely only once it has run for half the smaller threshold:
         # the batches of short steps of a busy loop cost the watchdog nothing more.
-        if pending and identity is not None and top is not None and entry is not None and (
-            state.stall is not None or now - start >= self._sample_after
-        ):
+        snapshot, entry_code = sample.snapshot, sample.entry_code
+        if pending and identity is not None and snapshot is not None and \
+                entry_code is not None and (
+                    state.stall is not None or now - start >= self._sample_after):
             self._gil_released = True  # schedstat reads, reports
             stall = state.stall
             if stall is None:
-                stall = self._new_stall(loop, task, entry, identity, start, state.pending_seq)
+                stall = self._new_stall(loop, sample.task, entry_code, identity, start,
+                                        state.pending_seq)
                 stall.waited_at_start = _runqueue_wait(state.native_id)
                 state.stall = stall
             else:
                 stall.waited_last = _runqueue_wait(state.native_id)
-            location = self._location(top, entry)
+            # From the snapshot only: the live frames have moved on since (the /proc read
+            # above let the loop thread run), and a location from one moment with a stack
+            # from another would point at a line the stack does not show.
+            location = snapshot.location
             stall.locations[location] += 1
             if location not in stall.stacks:
-                stall.stacks[location] = _extract_stack(top, entry)
+                stall.stacks[location] = snapshot.step_stack()
             blocked_for = now - stall.start
             if not stall.blocked_reported and blocked_for >= self.settings.blocked_threshold:
                 stall.blocked_reported = True
-                self._report_blocked(state, stall, top, location, blocked_for)
+                self._report_blocked(state, stall, snapshot, blocked_for)
         if not pending:
             if state.stale:
                 state.stale = False
@@ -475,7 +564,7 @@ class Watchdog:
         frame: FrameType | None = top
         entry: FrameType | None = None
         depth = 0
-        while frame is not None and depth < 500:
+        while frame is not None and depth < _MAX_DEPTH:
             back = frame.f_back
             if back is not None and back.f_code is base:
                 entry = frame
@@ -493,24 +582,10 @@ class Watchdog:
         return entry, task
 
     @staticmethod
-    def _location(top: FrameType, entry: FrameType) -> str:
-        # Application code first; an application installed into site-packages still beats
-        # the standard library; else the innermost frame.
-        for dirs in (_LIBRARY_DIRS, _STDLIB_DIRS):
-            frame: FrameType | None = top
-            while frame is not None:
-                if not _is_library(frame.f_code.co_filename, dirs):
-                    return _frame_location(frame)
-                if frame is entry:
-                    break
-                frame = frame.f_back
-        return _frame_location(top)
-
-    @staticmethod
     def _new_stall(
         loop: asyncio.AbstractEventLoop,
         task: asyncio.Task[Any] | None,
-        entry: FrameType,
+        entry_code: CodeType,
         identity: tuple[int, int],
         start: float,
         seq: int,
@@ -520,7 +595,7 @@ class Watchdog:
             code = getattr(coro, "cr_code", None) or getattr(coro, "gi_code", None)
             subject = _qualname(code) if code is not None else repr(coro)
             return _Stall(identity, start, seq, subject, task.get_name(), _span_of(task))
-        return _Stall(identity, start, seq, _qualname(entry.f_code), None, None)
+        return _Stall(identity, start, seq, _qualname(entry_code), None, None)
 
     def _finish_stall(self, state: LoopState, now: float) -> None:
         stall = state.stall
@@ -584,7 +659,7 @@ class Watchdog:
                 self.settings.record_slow(seconds)
 
     def _report_blocked(
-        self, state: LoopState, stall: _Stall, top: FrameType, location: str, blocked_for: float
+        self, state: LoopState, stall: _Stall, snapshot: _Snapshot, blocked_for: float
     ) -> None:
         # The task's name stays in the finding's ``task`` field only: names may be built from
         # request data, and the message travels to span events.
@@ -594,8 +669,8 @@ class Watchdog:
             _names.LOOP_BLOCKED,
             f"the event loop in thread {thread!r} has been blocked for {blocked_for:.3f} s "
             f"and still is, running {what}",
-            stall.subject, location=location, duration=blocked_for, task=stall.task,
-            stack=_format_stack(_extract_stack(top)), span=stall.span,
+            stall.subject, location=snapshot.location, duration=blocked_for, task=stall.task,
+            stack=_format_stack(snapshot.stack), span=stall.span,
         )
 
 
