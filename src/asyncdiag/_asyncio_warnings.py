@@ -34,7 +34,7 @@ from types import FrameType, TracebackType
 from typing import Any
 
 from . import _findings, _names, _safety
-from ._frames import is_own_machinery
+from ._frames import program_frame
 from ._patching import Patcher
 
 logger = logging.getLogger("asyncdiag")
@@ -317,9 +317,7 @@ def _report_unawaited(coro: Any, caller: FrameType | None) -> None:
             _frame_line(f, n, name) for f, n, name in reversed(frames)]
         how = "created here"
     else:
-        frame = caller
-        while frame is not None and is_own_machinery(frame.f_code.co_filename):
-            frame = frame.f_back
+        frame = program_frame(caller)
         location = f"{frame.f_code.co_filename}:{frame.f_lineno}" if frame is not None else None
         how = "dropped here (turn on debug mode to see where it was created)"
     _findings.report(

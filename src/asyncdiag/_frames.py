@@ -7,7 +7,7 @@ The demo lives inside the package but is a program, not machinery: its frames ar
 from __future__ import annotations
 
 import os
-from types import CodeType
+from types import CodeType, FrameType
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 PACKAGE_PROGRAMS = frozenset({PACKAGE_DIR + "_demo.py"})
@@ -15,6 +15,13 @@ PACKAGE_PROGRAMS = frozenset({PACKAGE_DIR + "_demo.py"})
 
 def is_own_machinery(filename: str) -> bool:
     return filename.startswith(PACKAGE_DIR) and filename not in PACKAGE_PROGRAMS
+
+
+def program_frame(frame: FrameType | None) -> FrameType | None:
+    """The first frame, from ``frame`` outwards, that is not asyncdiag's own."""
+    while frame is not None and is_own_machinery(frame.f_code.co_filename):
+        frame = frame.f_back
+    return frame
 
 
 def line_of(code: CodeType, lasti: int) -> int:

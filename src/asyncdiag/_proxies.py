@@ -35,7 +35,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 
 from . import _findings, _names, _safety, _spans
-from ._frames import code_location, is_own_machinery
+from ._frames import code_location, program_frame
 
 _CancelledError = asyncio.CancelledError
 _get_running_loop = asyncio.events._get_running_loop
@@ -941,7 +941,7 @@ class _Counted:
             return awaitable
         if self.where is None:
             try:
-                frame = _program_frame(sys._getframe(2))
+                frame = program_frame(sys._getframe(2))
                 self.where = (frame.f_code, frame.f_lasti) if frame is not None else None
             except Exception as internal:
                 failed(internal)
@@ -977,13 +977,6 @@ class _Counted:
 
     def __repr__(self) -> str:
         return repr(self.agen)
-
-
-def _program_frame(frame: FrameType | None) -> FrameType | None:
-    """The first frame, from ``frame`` outwards, that is not asyncdiag's own."""
-    while frame is not None and is_own_machinery(frame.f_code.co_filename):
-        frame = frame.f_back
-    return frame
 
 
 async def _timed_request(counted: _Counted, awaitable: Any) -> Any:
