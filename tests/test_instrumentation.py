@@ -111,14 +111,21 @@ class Otel:
         self.meter_provider.shutdown()
 
 
-@pytest.fixture
-def otel() -> Iterator[Otel]:
-    o = Otel()
+@contextlib.contextmanager
+def otel_for(sampled: bool = True) -> Iterator[Otel]:
+    """In-memory providers for a test; afterwards the agent is uninstalled and they shut down."""
+    o = Otel(sampled)
     try:
         yield o
     finally:
         asyncdiag.uninstall()
         o.shutdown()
+
+
+@pytest.fixture
+def otel() -> Iterator[Otel]:
+    with otel_for() as o:
+        yield o
 
 
 def kinds() -> list[str]:
@@ -551,8 +558,7 @@ def test_body_runs_with_the_async_with_span_current(
 def test_unsampled_tracing_creates_no_spans_and_changes_no_context(
     loop_factory: Callable[[], asyncio.AbstractEventLoop], modules: Modules,
 ) -> None:
-    otel = Otel(sampled=False)
-    try:
+    with otel_for(sampled=False) as otel:
         name = modules.write(NESTING)
         otel.install(f"{name}.*")
         mod = importlib.import_module(name)
@@ -566,9 +572,6 @@ def test_unsampled_tracing_creates_no_spans_and_changes_no_context(
         assert otel.finished() == []
         exits = otel.points(_names.CONTEXT_EXIT_DURATION.name)
         assert [p.attributes[_names.ATTR_OUTCOME] for p in exits] == ["ok"]
-    finally:
-        asyncdiag.uninstall()
-        otel.shutdown()
 
 
 def test_exit_outcomes_in_metrics(
@@ -1332,8 +1335,7 @@ def test_yields_count_the_items_the_consumer_received(
     loop_factory: Callable[[], asyncio.AbstractEventLoop], modules: Modules,
     sampled: bool, consume: Callable[[Any], Coroutine[Any, Any, list[int]]],
 ) -> None:
-    otel = Otel(sampled=sampled)
-    try:
+    with otel_for(sampled=sampled) as otel:
         name = modules.write(COUNTING)
         otel.install(f"{name}.*")
         mod = importlib.import_module(name)
@@ -1344,9 +1346,6 @@ def test_yields_count_the_items_the_consumer_received(
         # The first request and then one in TIMING_STRIDE are timed.
         timed = sum(p.count for p in otel.points(_names.ITERATOR_NEXT_DURATION.name))
         assert 1 <= timed <= 1 + len(received) // _proxies.TIMING_STRIDE + 1
-    finally:
-        asyncdiag.uninstall()
-        otel.shutdown()
 
 
 SLOW_CONSUMER = '''
@@ -1362,8 +1361,7 @@ def test_next_duration_times_one_request_not_the_consumer(
 ) -> None:
     """A timed request is the generator's time to produce one item: the consumer's work
     between the timed item and the next is not in it (it used to take 32 items' worth)."""
-    otel = Otel(sampled=sampled)
-    try:
+    with otel_for(sampled=sampled) as otel:
         name = modules.write(SLOW_CONSUMER)
         otel.install(f"{name}:quick")
         mod = importlib.import_module(name)
@@ -1380,6 +1378,3 @@ def test_next_duration_times_one_request_not_the_consumer(
         (point,) = otel.points(_names.ITERATOR_NEXT_DURATION.name)
         assert point.count == 3  # requests 1, 33 and 65
         assert point.max < 0.002, point.max
-    finally:
-        asyncdiag.uninstall()
-        otel.shutdown()
