@@ -21,7 +21,7 @@ import pytest
 
 import asyncdiag
 from _support import run_on
-from asyncdiag import _lifecycle, _names
+from asyncdiag import _asyncgens, _lifecycle, _names
 from asyncdiag._asyncgens import AsyncgenTracker
 
 LoopFactory = Callable[[], asyncio.AbstractEventLoop]
@@ -64,6 +64,18 @@ async def numbers(n: int = 3) -> AsyncIterator[int]:
 @pytest.fixture(autouse=True)
 def _fresh() -> None:
     cleanups.clear()
+
+
+@pytest.fixture(autouse=True, params=["C", "Python"])
+def hook_implementation(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test runs with both first-iteration hooks used under a loop's own hooks: the C one
+    (``_speedups.c``, what a build with a compiler uses) and its Python equivalent."""
+    if request.param == "C":
+        if _asyncgens._CFirstIterHook is None:
+            pytest.skip("asyncdiag._speedups is not built (see test_c_hook_is_built)")
+    else:
+        monkeypatch.setattr(_asyncgens, "_CFirstIterHook", None)
+    return str(request.param)
 
 
 # -- positive cases -------------------------------------------------------------------------
@@ -559,6 +571,56 @@ def test_internal_failure_is_logged_once_and_never_reaches_the_program(
     assert len(errors) == 1
     # The loop's hooks kept working: the orphan and the one left open were both closed.
     assert cleanups == ["numbers"] * 3
+    assert orphans() == []
+
+
+async def _first_step(agen: AsyncIterator[int]) -> None:
+    await agen.__anext__()
+
+
+def test_c_and_python_hooks_record_the_same_entry(
+    loop_factory: LoopFactory, hook_implementation: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both implementations, on the same iterations, make identical registry entries: from
+    the program's frame, and past contextlib's (the slow path through ``locate``)."""
+    if hook_implementation != "C":
+        pytest.skip("compares the C hook with the Python one: runs once")
+    asyncdiag.install(exporter="none")
+
+    @contextlib.asynccontextmanager
+    async def managed() -> AsyncIterator[int]:
+        yield 1
+
+    def entries() -> list[Any]:
+        recorded: list[Any] = []
+
+        async def main() -> None:
+            recorded.append(type(tracker()._orig_get().firstiter).__name__)
+            plain = numbers()
+            await _first_step(plain)
+            manager = managed()
+            async with manager:
+                pass
+            registry = tracker().registry
+            for agen in (plain, manager.gen):  # type: ignore[attr-defined]
+                ref, chain, code, lasti, task = registry[id(agen)]
+                recorded.append((ref, type(chain).__name__, code, lasti, task))
+            await plain.aclose()
+
+        async def named() -> None:
+            await asyncio.create_task(main(), name="worker-3")
+
+        run_on(loop_factory, named())
+        return recorded
+
+    with_c = entries()
+    monkeypatch.setattr(_asyncgens, "_CFirstIterHook", None)
+    with_python = entries()
+    assert (with_c.pop(0), with_python.pop(0)) == ("FirstIterHook", "function")
+    assert with_c == with_python
+    assert [e[2].co_name for e in with_c] == ["_first_step", "main"]
+    assert [e[4] for e in with_c] == ["worker-3", "worker-3"]
+    assert with_c[0][0] is None  # under the loop's own hooks: no weak reference
     assert orphans() == []
 
 

@@ -66,6 +66,16 @@ from ._patching import Patcher
 
 if TYPE_CHECKING:
     from ._lifecycle import Agent
+    from ._speedups import FirstIterHook
+
+# The first-iteration hook under a loop's own hooks, in C (``_speedups.c``), when the package
+# was built with a compiler; otherwise, and under any other hooks, the Python closures of
+# ``_Chain.make_firstiter`` (which the C version follows step for step).
+_CFirstIterHook: type[FirstIterHook] | None
+try:
+    from ._speedups import FirstIterHook as _CFirstIterHook
+except ImportError:  # built without a C compiler
+    _CFirstIterHook = None
 
 logger = logging.getLogger("asyncdiag")
 
@@ -80,12 +90,15 @@ _ASYNCIO_DIR = os.path.dirname(os.path.abspath(asyncio.__file__)) + os.sep
 _CONTEXTLIB_FILE = os.path.abspath(contextlib.__file__)
 
 _get_running_loop = asyncio.events._get_running_loop
-# 3.12+ has a C current_task; before, asyncio.current_task is Python around this C dict.
-_current_task: Callable[[Any], Any] = (
-    asyncio.current_task
-    if isinstance(asyncio.current_task, types.BuiltinFunctionType)
-    else asyncio.tasks._current_tasks.get  # type: ignore[attr-defined]
-)
+# 3.12+ has a C current_task; before, asyncio.current_task is Python around a C dict
+# {loop: running task}, which the C hook reads directly.
+_current_task: Callable[[Any], Any]
+_current_task_source: Callable[[Any], Any] | dict[Any, Any]
+if isinstance(asyncio.current_task, types.BuiltinFunctionType):
+    _current_task = _current_task_source = asyncio.current_task
+else:
+    _running_tasks: dict[Any, Any] = asyncio.tasks._current_tasks  # type: ignore[attr-defined]
+    _current_task, _current_task_source = _running_tasks.get, _running_tasks
 _getframe = sys._getframe
 _ref = weakref.ref
 _ref_of = itemgetter(0)
@@ -265,6 +278,12 @@ class _Chain:
         user_code: CodeType | None = None
 
         if self.agens is not None and first is not None and chain_loop is not None:
+            if _CFirstIterHook is not None:
+                return _CFirstIterHook(
+                    first=first, tracker=tracker, registry=registry,
+                    skip_cache=tracker.skip_cache, chain=chain, loop=chain_loop,
+                    current_task=_current_task_source,
+                )
             loop = chain_loop
 
             def firstiter(

@@ -1,0 +1,374 @@
+/* The asyncgen tracker's first-iteration hook, in C.
+ *
+ * CPython calls the thread's firstiter hook once for every async generator of the program.
+ * The Python version of this hook (``_asyncgens._Chain.make_firstiter``) is the reference and
+ * the fallback when this module is not built; this one does exactly the same, step for step,
+ * without the cost of a Python frame, its bytecode and ``sys._getframe``'s audit event (about
+ * two thirds of what the tracker adds per generator).
+ *
+ * Used only under a loop's own hooks (asyncio's or uvloop's), whose weak set of generators
+ * answers liveness, so the entry holds no weak reference:
+ *
+ *     first(agen)                          # the loop's hook: its exceptions propagate
+ *     if tracker.enabled:
+ *         try:
+ *             frame = <the frame that called __anext__>
+ *             code, lasti = frame.f_code, frame.f_lasti, or tracker.locate(frame)
+ *             task = current_task(loop)
+ *             registry[id(agen)] = (None, chain, code, lasti, task and task.get_name())
+ *             if len(registry) >= tracker.prune_at: tracker.prune()
+ *         except Exception as exc:
+ *             tracker.failed(exc)
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <frameobject.h>
+#include <structmember.h>
+
+typedef struct {
+    PyObject_HEAD
+    vectorcallfunc vectorcall;
+    PyObject *first;        /* the loop's own firstiter hook */
+    PyObject *tracker;      /* AsyncgenTracker: locate(), prune(), failed() */
+    PyObject *tracker_dict; /* its __dict__: enabled and prune_at, read per generator */
+    PyObject *registry;     /* dict: id(agen) -> entry */
+    PyObject *skip_cache;   /* dict: filename -> True if asyncio/contextlib/asyncdiag */
+    PyObject *chain;        /* the _Chain, stored in every entry */
+    PyObject *loop;
+    PyObject *current_task; /* callable(loop) -> task or None, or a dict {loop: task} */
+    PyObject *user_code;    /* the last code object found to be the program's, or NULL */
+} FirstIterHook;
+
+static PyObject *str_enabled, *str_prune_at, *str_locate, *str_prune, *str_failed,
+    *str_get_name;
+
+static int
+frame_lasti(PyFrameObject *frame)
+{
+#if PY_VERSION_HEX >= 0x030B0000
+    return PyFrame_GetLasti(frame);
+#else
+    /* 3.10 counts code units; f_lasti (and 3.11+) count bytes. */
+    return frame->f_lasti < 0 ? -1 : frame->f_lasti * (int)sizeof(_Py_CODEUNIT);
+#endif
+}
+
+/* Sets *code (new reference, or None) and *lasti for the frame that iterated. */
+static int
+locate(FirstIterHook *self, PyObject **code, PyObject **lasti)
+{
+    PyFrameObject *frame = PyEval_GetFrame(); /* borrowed */
+    if (frame == NULL) { /* iterated from C code with no Python frame */
+        *code = Py_NewRef(Py_None);
+        *lasti = PyLong_FromLong(-1);
+        return *lasti == NULL ? -1 : 0;
+    }
+    PyCodeObject *frame_code = PyFrame_GetCode(frame); /* new reference */
+    if ((PyObject *)frame_code != self->user_code) {
+        PyObject *is_infra = PyDict_GetItemWithError(self->skip_cache,
+                                                     frame_code->co_filename);
+        if (is_infra != Py_False) {
+            Py_DECREF(frame_code);
+            if (is_infra == NULL && PyErr_Occurred()) {
+                return -1;
+            }
+            /* A file seen for the first time, or iteration driven by asyncio/contextlib. */
+            PyObject *found = PyObject_CallMethodOneArg(self->tracker, str_locate,
+                                                        (PyObject *)frame);
+            if (found == NULL) {
+                return -1;
+            }
+            if (!PyTuple_Check(found) || PyTuple_GET_SIZE(found) != 2) {
+                Py_DECREF(found);
+                PyErr_SetString(PyExc_TypeError, "locate() must return (code, lasti)");
+                return -1;
+            }
+            *code = Py_NewRef(PyTuple_GET_ITEM(found, 0));
+            *lasti = Py_NewRef(PyTuple_GET_ITEM(found, 1));
+            Py_DECREF(found);
+            return 0;
+        }
+        Py_XSETREF(self->user_code, Py_NewRef((PyObject *)frame_code));
+    }
+    *code = (PyObject *)frame_code;
+    *lasti = PyLong_FromLong(frame_lasti(frame));
+    if (*lasti == NULL) {
+        Py_CLEAR(*code);
+        return -1;
+    }
+    return 0;
+}
+
+/* tracker.<name> (new reference), looked up in the instance dict: one dict lookup instead of
+ * a generic attribute lookup, for the two attributes read per generator. */
+static PyObject *
+tracker_attribute(FirstIterHook *self, PyObject *name)
+{
+    PyObject *value = PyDict_GetItemWithError(self->tracker_dict, name);
+    if (value == NULL) {
+        return PyErr_Occurred() ? NULL : PyObject_GetAttr(self->tracker, name);
+    }
+    return Py_NewRef(value);
+}
+
+static int
+record(FirstIterHook *self, PyObject *agen)
+{
+    PyObject *code = NULL, *lasti = NULL, *task = NULL, *name = NULL, *entry = NULL,
+             *key = NULL, *prune_at = NULL;
+    int status = -1;
+
+    if (locate(self, &code, &lasti) < 0) {
+        goto done;
+    }
+    if (PyDict_CheckExact(self->current_task)) {
+        /* Before 3.12: asyncio's own table of running tasks (current_task() reads it). */
+        task = PyDict_GetItemWithError(self->current_task, self->loop);
+        if (task == NULL && PyErr_Occurred()) {
+            goto done;
+        }
+        task = Py_NewRef(task != NULL ? task : Py_None);
+    }
+    else {
+        task = PyObject_CallOneArg(self->current_task, self->loop);
+        if (task == NULL) {
+            goto done;
+        }
+    }
+    if (task == Py_None) {
+        name = Py_NewRef(Py_None);
+    }
+    else {
+        name = PyObject_CallMethodNoArgs(task, str_get_name);
+        if (name == NULL) {
+            goto done;
+        }
+    }
+    entry = PyTuple_Pack(5, Py_None, self->chain, code, lasti, name);
+    key = PyLong_FromVoidPtr(agen); /* id(agen) */
+    /* Through the mapping protocol: the registry may be a dict subclass (tests make one fail). */
+    if (entry == NULL || key == NULL || PyObject_SetItem(self->registry, key, entry) < 0) {
+        goto done;
+    }
+    prune_at = tracker_attribute(self, str_prune_at);
+    if (prune_at == NULL) {
+        goto done;
+    }
+    Py_ssize_t limit = PyLong_AsSsize_t(prune_at);
+    if (limit == -1 && PyErr_Occurred()) {
+        goto done;
+    }
+    if (PyDict_GET_SIZE(self->registry) >= limit) {
+        PyObject *result = PyObject_CallMethodNoArgs(self->tracker, str_prune);
+        if (result == NULL) {
+            goto done;
+        }
+        Py_DECREF(result);
+    }
+    status = 0;
+done:
+    Py_XDECREF(code);
+    Py_XDECREF(lasti);
+    Py_XDECREF(task);
+    Py_XDECREF(name);
+    Py_XDECREF(entry);
+    Py_XDECREF(key);
+    Py_XDECREF(prune_at);
+    return status;
+}
+
+/* An internal error goes to tracker.failed(exc) (which turns tracking off and logs it);
+ * only a BaseException that is not an Exception (KeyboardInterrupt...) propagates, as it
+ * would from the Python hook. */
+static PyObject *
+report_failure(FirstIterHook *self)
+{
+    if (!PyErr_ExceptionMatches(PyExc_Exception)) {
+        return NULL;
+    }
+#if PY_VERSION_HEX >= 0x030C0000
+    PyObject *exc = PyErr_GetRaisedException();
+#else
+    PyObject *type, *value, *traceback;
+    PyErr_Fetch(&type, &value, &traceback);
+    PyErr_NormalizeException(&type, &value, &traceback);
+    if (traceback != NULL && value != NULL) {
+        PyException_SetTraceback(value, traceback);
+    }
+    PyObject *exc = value;
+    Py_XDECREF(type);
+    Py_XDECREF(traceback);
+#endif
+    PyObject *result = PyObject_CallMethodOneArg(self->tracker, str_failed,
+                                                 exc != NULL ? exc : Py_None);
+    Py_XDECREF(exc);
+    if (result == NULL) {
+        return NULL;
+    }
+    Py_DECREF(result);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+hook_vectorcall(PyObject *op, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    FirstIterHook *self = (FirstIterHook *)op;
+    if (PyVectorcall_NARGS(nargsf) != 1 || (kwnames != NULL && PyTuple_GET_SIZE(kwnames))) {
+        PyErr_SetString(PyExc_TypeError, "firstiter hook takes exactly one argument");
+        return NULL;
+    }
+    PyObject *agen = args[0];
+    /* Exactly the call the thread would have made without asyncdiag. */
+    PyObject *result = PyObject_CallOneArg(self->first, agen);
+    if (result == NULL) {
+        return NULL;
+    }
+    Py_DECREF(result);
+
+    PyObject *enabled = tracker_attribute(self, str_enabled);
+    if (enabled == NULL) {
+        return report_failure(self);
+    }
+    int on = PyObject_IsTrue(enabled);
+    Py_DECREF(enabled);
+    if (on < 0) {
+        return report_failure(self);
+    }
+    if (on && record(self, agen) < 0) {
+        return report_failure(self);
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+hook_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"first", "tracker", "registry", "skip_cache", "chain", "loop",
+                             "current_task", NULL};
+    PyObject *first, *tracker, *registry, *skip_cache, *chain, *loop, *current_task;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOO!O!OOO:FirstIterHook", kwlist, &first,
+                                     &tracker, &PyDict_Type, &registry, &PyDict_Type,
+                                     &skip_cache, &chain, &loop, &current_task)) {
+        return NULL;
+    }
+    FirstIterHook *self = (FirstIterHook *)type->tp_alloc(type, 0);
+    if (self == NULL) {
+        return NULL;
+    }
+    self->vectorcall = hook_vectorcall;
+    self->first = Py_NewRef(first);
+    self->tracker = Py_NewRef(tracker);
+    self->tracker_dict = PyObject_GenericGetDict(tracker, NULL);
+    if (self->tracker_dict == NULL || !PyDict_Check(self->tracker_dict)) {
+        PyErr_Clear();
+        Py_CLEAR(self->tracker_dict);
+        self->tracker_dict = PyDict_New(); /* empty: every lookup falls back to getattr */
+        if (self->tracker_dict == NULL) {
+            Py_DECREF(self);
+            return NULL;
+        }
+    }
+    self->registry = Py_NewRef(registry);
+    self->skip_cache = Py_NewRef(skip_cache);
+    self->chain = Py_NewRef(chain);
+    self->loop = Py_NewRef(loop);
+    self->current_task = Py_NewRef(current_task);
+    self->user_code = NULL;
+    return (PyObject *)self;
+}
+
+static int
+hook_traverse(FirstIterHook *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->first);
+    Py_VISIT(self->tracker);
+    Py_VISIT(self->tracker_dict);
+    Py_VISIT(self->registry);
+    Py_VISIT(self->skip_cache);
+    Py_VISIT(self->chain);
+    Py_VISIT(self->loop);
+    Py_VISIT(self->current_task);
+    Py_VISIT(self->user_code);
+    return 0;
+}
+
+static int
+hook_clear(FirstIterHook *self)
+{
+    Py_CLEAR(self->first);
+    Py_CLEAR(self->tracker);
+    Py_CLEAR(self->tracker_dict);
+    Py_CLEAR(self->registry);
+    Py_CLEAR(self->skip_cache);
+    Py_CLEAR(self->chain);
+    Py_CLEAR(self->loop);
+    Py_CLEAR(self->current_task);
+    Py_CLEAR(self->user_code);
+    return 0;
+}
+
+static void
+hook_dealloc(FirstIterHook *self)
+{
+    PyObject_GC_UnTrack(self);
+    hook_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyMemberDef hook_members[] = {
+    /* _asyncgens._chain_of() finds the chain behind an installed hook through this name. */
+    {"_asyncdiag_chain", T_OBJECT, offsetof(FirstIterHook, chain), READONLY, NULL},
+    {"first", T_OBJECT, offsetof(FirstIterHook, first), READONLY, NULL},
+    {NULL},
+};
+
+static PyTypeObject FirstIterHookType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "asyncdiag._speedups.FirstIterHook",
+    .tp_doc = "The asyncgen tracker's firstiter hook under a loop's own hooks "
+              "(see _asyncgens._Chain.make_firstiter, its Python equivalent).",
+    .tp_basicsize = sizeof(FirstIterHook),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_new = hook_new,
+    .tp_call = PyVectorcall_Call,
+    .tp_vectorcall_offset = offsetof(FirstIterHook, vectorcall),
+    .tp_traverse = (traverseproc)hook_traverse,
+    .tp_clear = (inquiry)hook_clear,
+    .tp_dealloc = (destructor)hook_dealloc,
+    .tp_members = hook_members,
+};
+
+static struct PyModuleDef speedups_module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "asyncdiag._speedups",
+    .m_doc = "Optional C versions of asyncdiag's per-generator hot paths.",
+    .m_size = -1,
+};
+
+PyMODINIT_FUNC
+PyInit__speedups(void)
+{
+#define INTERN(var, text) \
+    if ((var = PyUnicode_InternFromString(text)) == NULL) return NULL;
+    INTERN(str_enabled, "enabled");
+    INTERN(str_prune_at, "prune_at");
+    INTERN(str_locate, "locate");
+    INTERN(str_prune, "prune");
+    INTERN(str_failed, "failed");
+    INTERN(str_get_name, "get_name");
+#undef INTERN
+    if (PyType_Ready(&FirstIterHookType) < 0) {
+        return NULL;
+    }
+    PyObject *module = PyModule_Create(&speedups_module);
+    if (module == NULL) {
+        return NULL;
+    }
+    Py_INCREF(&FirstIterHookType);
+    if (PyModule_AddObject(module, "FirstIterHook", (PyObject *)&FirstIterHookType) < 0) {
+        Py_DECREF(&FirstIterHookType);
+        Py_DECREF(module);
+        return NULL;
+    }
+    return module;
+}

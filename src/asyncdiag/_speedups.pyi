@@ -1,0 +1,21 @@
+# Types of the optional C extension built from _speedups.c.
+from collections.abc import Callable
+from typing import Any
+
+class FirstIterHook:
+    """The asyncgen tracker's firstiter hook under a loop's own hooks."""
+
+    _asyncdiag_chain: Any
+    first: Callable[[Any], object]
+
+    def __init__(
+        self,
+        first: Callable[[Any], object],
+        tracker: Any,
+        registry: dict[int, Any],
+        skip_cache: dict[str, bool],
+        chain: Any,
+        loop: Any,
+        current_task: Callable[[Any], Any] | dict[Any, Any],
+    ) -> None: ...
+    def __call__(self, agen: Any, /) -> None: ...
