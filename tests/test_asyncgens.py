@@ -624,6 +624,52 @@ def test_c_and_python_hooks_record_the_same_entry(
     assert orphans() == []
 
 
+def _stale_entry(chain: Any) -> tuple[Any, ...]:
+    # What a dead generator first iterated elsewhere leaves under its id (a fresh tuple, so
+    # that only the registry will hold it).
+    return (None, chain, _stale_entry.__code__, int("4242"), "".join(["old", "-task"]))
+
+
+@pytest.mark.parametrize("held_elsewhere", [False, True], ids=["only-registry", "held"])
+def test_entry_left_by_a_dead_generator_is_replaced_by_the_new_ones(
+    loop_factory: LoopFactory, hook_implementation: str, held_elsewhere: bool
+) -> None:
+    """A new generator whose id is the key of a stale entry gets its own call site and task.
+    The C hook rewrites such an entry in place when only the registry holds it, and stores a
+    new one when anything else holds it (a prune classifying entries holds them all): the
+    entry a holder has must not change under it."""
+    asyncdiag.install(exporter="none")
+    lines: list[int] = []
+
+    async def main() -> tuple[tuple[Any, ...], bool, tuple[Any, ...] | None]:
+        registry = tracker().registry
+        chain = tracker()._orig_get().firstiter._asyncdiag_chain
+        agen = numbers()
+        registry[id(agen)] = _stale_entry(chain)
+        held = registry[id(agen)] if held_elsewhere else None
+        stale_id = id(registry[id(agen)])
+        lines.append(here() + 1)
+        await agen.__anext__()
+        entry = registry[id(agen)]
+        same_object = id(entry) == stale_id
+        await agen.aclose()
+        return entry, same_object, held
+
+    async def named() -> tuple[tuple[Any, ...], bool, tuple[Any, ...] | None]:
+        return await asyncio.create_task(main(), name="fresh-task")
+
+    entry, same_object, held = run_on(loop_factory, named())
+    _, _, code, lasti, task = entry
+    assert _asyncgens.code_location(code, lasti) == f"{__file__}:{lines[0]}"
+    assert task == "fresh-task"
+    if held_elsewhere:
+        assert held is not None and not same_object
+        assert held[2:] == (_stale_entry.__code__, 4242, "old-task")  # untouched
+    else:
+        assert same_object == (hook_implementation == "C")
+    assert orphans() == []
+
+
 def test_first_iteration_hook_keeps_no_reference(loop_factory: LoopFactory) -> None:
     """Every object the hook touches per generator has the same reference count after 1,000
     generators as before, once the registry's entries are dropped: a reference the C hook took

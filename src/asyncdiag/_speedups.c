@@ -17,6 +17,9 @@
  *             task = current_task(loop)
  *             registry[id(agen)] = (None, chain, code, lasti, task and task.get_name())
  *             if len(registry) >= tracker.prune_at: tracker.prune()
+ *
+ * with one difference nothing can observe: a dead generator's entry that only the registry
+ * holds is rewritten in place rather than replaced (see rewrite_entry).
  *         except Exception as exc:
  *             tracker.failed(exc)
  */
@@ -55,13 +58,13 @@ frame_lasti(PyFrameObject *frame)
 
 /* Sets *code (new reference, or None) and *lasti for the frame that iterated. */
 static int
-locate(FirstIterHook *self, PyObject **code, PyObject **lasti)
+locate(FirstIterHook *self, PyObject **code, long *lasti)
 {
     PyFrameObject *frame = PyEval_GetFrame(); /* borrowed */
     if (frame == NULL) { /* iterated from C code with no Python frame */
         *code = Py_NewRef(Py_None);
-        *lasti = PyLong_FromLong(-1);
-        return *lasti == NULL ? -1 : 0;
+        *lasti = -1;
+        return 0;
     }
     PyCodeObject *frame_code = PyFrame_GetCode(frame); /* new reference */
     if ((PyObject *)frame_code != self->user_code) {
@@ -83,20 +86,74 @@ locate(FirstIterHook *self, PyObject **code, PyObject **lasti)
                 PyErr_SetString(PyExc_TypeError, "locate() must return (code, lasti)");
                 return -1;
             }
+            *lasti = PyLong_AsLong(PyTuple_GET_ITEM(found, 1));
+            if (*lasti == -1 && PyErr_Occurred()) {
+                Py_DECREF(found);
+                return -1;
+            }
             *code = Py_NewRef(PyTuple_GET_ITEM(found, 0));
-            *lasti = Py_NewRef(PyTuple_GET_ITEM(found, 1));
             Py_DECREF(found);
             return 0;
         }
         Py_XSETREF(self->user_code, Py_NewRef((PyObject *)frame_code));
     }
     *code = (PyObject *)frame_code;
-    *lasti = PyLong_FromLong(frame_lasti(frame));
-    if (*lasti == NULL) {
-        Py_CLEAR(*code);
-        return -1;
-    }
+    *lasti = frame_lasti(frame);
     return 0;
+}
+
+/* Puts value at index i of a tuple nobody else holds, if it is not already there. */
+static void
+replace_item(PyObject *tuple, Py_ssize_t i, PyObject *value)
+{
+    PyObject *previous = PyTuple_GET_ITEM(tuple, i);
+    if (previous != value) {
+        PyTuple_SET_ITEM(tuple, i, Py_NewRef(value));
+        Py_DECREF(previous); /* a code object, an int, a str or None: runs no Python code */
+    }
+}
+
+/* Generators die at a few reused addresses, so most first iterations find the entry of a
+ * dead generator under their key. When only the registry holds that entry, and it is one of
+ * this chain's, it is rewritten in place instead of replaced: no tuple made and freed, no dict
+ * store, and the registry does not grow, so no prune check either. Nothing can observe the
+ * difference: a prune that is classifying entries holds references to them (so the count is
+ * above 1 and a new tuple is stored, which the prune's identity check then sees). Returns 1
+ * if the entry was rewritten, 0 if a new one must be stored, -1 on error. */
+static int
+rewrite_entry(FirstIterHook *self, PyObject *key, PyObject *code, long lasti, PyObject *name)
+{
+    if (!PyDict_CheckExact(self->registry)) {
+        return 0; /* a subclass may override __setitem__: always store through it */
+    }
+    PyObject *old = PyDict_GetItemWithError(self->registry, key); /* borrowed */
+    if (old == NULL) {
+        return PyErr_Occurred() ? -1 : 0;
+    }
+    if (!PyTuple_CheckExact(old) || Py_REFCNT(old) != 1 || PyTuple_GET_SIZE(old) != 5
+        || PyTuple_GET_ITEM(old, 0) != Py_None || PyTuple_GET_ITEM(old, 1) != self->chain) {
+        return 0;
+    }
+    PyObject *old_lasti = PyTuple_GET_ITEM(old, 3);
+    if (!PyLong_CheckExact(old_lasti)) {
+        return 0;
+    }
+    long previous = PyLong_AsLong(old_lasti);
+    if (previous == -1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        return 0;
+    }
+    if (previous != lasti) {
+        PyObject *value = PyLong_FromLong(lasti);
+        if (value == NULL) {
+            return -1;
+        }
+        PyTuple_SET_ITEM(old, 3, value);
+        Py_DECREF(old_lasti);
+    }
+    replace_item(old, 2, code);
+    replace_item(old, 4, name);
+    return 1;
 }
 
 /* tracker.<name> (new reference), looked up in the instance dict: one dict lookup instead of
@@ -114,8 +171,9 @@ tracker_attribute(FirstIterHook *self, PyObject *name)
 static int
 record(FirstIterHook *self, PyObject *agen)
 {
-    PyObject *code = NULL, *lasti = NULL, *task = NULL, *name = NULL, *entry = NULL,
-             *key = NULL, *prune_at = NULL;
+    PyObject *code = NULL, *task = NULL, *name = NULL, *entry = NULL, *key = NULL,
+             *lasti_value = NULL, *prune_at = NULL;
+    long lasti;
     int status = -1;
 
     if (locate(self, &code, &lasti) < 0) {
@@ -144,10 +202,22 @@ record(FirstIterHook *self, PyObject *agen)
             goto done;
         }
     }
-    entry = PyTuple_Pack(5, Py_None, self->chain, code, lasti, name);
     key = PyLong_FromVoidPtr(agen); /* id(agen) */
+    if (key == NULL) {
+        goto done;
+    }
+    int rewritten = rewrite_entry(self, key, code, lasti, name);
+    if (rewritten != 0) {
+        status = rewritten < 0 ? -1 : 0;
+        goto done;
+    }
+    lasti_value = PyLong_FromLong(lasti);
+    if (lasti_value == NULL) {
+        goto done;
+    }
+    entry = PyTuple_Pack(5, Py_None, self->chain, code, lasti_value, name);
     /* Through the mapping protocol: the registry may be a dict subclass (tests make one fail). */
-    if (entry == NULL || key == NULL || PyObject_SetItem(self->registry, key, entry) < 0) {
+    if (entry == NULL || PyObject_SetItem(self->registry, key, entry) < 0) {
         goto done;
     }
     prune_at = tracker_attribute(self, str_prune_at);
@@ -168,11 +238,11 @@ record(FirstIterHook *self, PyObject *agen)
     status = 0;
 done:
     Py_XDECREF(code);
-    Py_XDECREF(lasti);
     Py_XDECREF(task);
     Py_XDECREF(name);
     Py_XDECREF(entry);
     Py_XDECREF(key);
+    Py_XDECREF(lasti_value);
     Py_XDECREF(prune_at);
     return status;
 }
