@@ -1,15 +1,16 @@
 """The asyncgen tracker's own cost and memory, measured precisely on a shared machine.
 
-    python benchmarks/bench_asyncgens.py cpu [--runs 31] [--loop asyncio|uvloop]
+    python benchmarks/bench_asyncgens.py cpu [--runs 31] [--loop asyncio|uvloop] [--sections ...]
     python benchmarks/bench_asyncgens.py instructions [--loop asyncio|uvloop]
     python benchmarks/bench_asyncgens.py memory [--generators 1000000] [--loop ...]
 
 ``cpu`` times the generator sections of ``sections_asyncgens.py`` with *process CPU time*
 (``time.process_time``: other processes on a loaded machine do not inflate it, unlike the
-wall clock of ``run.py``) under three variants, alternated run by run: ``plain``, ``agent``
-(``install(track_asyncgens=False)``: every other component) and ``tracker`` (the default
-install). It prints the median of the per-run ratios and the ratio of the minima (the most
-stable estimate of a CPU-bound cost); ``tracker/agent`` is the tracker's share alone.
+wall clock of ``run.py``) under four variants, alternated run by run: ``plain``, ``agent``
+(``install(track_asyncgens=False)``: every other component), ``tracker`` (the default
+install) and ``tracker_python`` (the default install with the C first-iteration hook
+disabled: what a build without a C compiler runs). It prints medians of the per-run ratios;
+``tracker/agent`` is the tracker's share alone.
 
 ``instructions`` counts what ``cpu`` times, with valgrind (``apt-get install valgrind``; a
 few minutes per loop): CPU time on a shared machine moves by 5-15 % between identical runs,
@@ -18,7 +19,8 @@ difference between a workload run at N and 2N (generators, or section repetition
 N, so start-up, install and loop creation cancel out. It prints instructions per generator of
 a tight first-iteration loop (``asyncgen_tiny``'s shape) for each variant, and each section's
 ``tracker/plain`` and ``agent/plain`` in instructions. Instructions are not time (cycles per
-instruction differ, system calls are not in it): use it to compare versions of the hook.
+instruction differ, system calls and cache misses are not in it): use it to compare versions
+of the hook.
 
 ``memory`` churns N generators (a quarter orphaned, a quarter closed with ``aclose()``, half
 exhausted) on one loop with the agent installed, and prints RSS and tracemalloc-free process
@@ -40,7 +42,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -54,7 +57,29 @@ SECTIONS: dict[str, Callable[[], Coroutine[Any, Any, None]]] = {
     "asyncgen_many": sections_asyncgens.asyncgen_many,
     "asyncgen_tiny": sections_asyncgens.asyncgen_tiny,
 }
-VARIANTS = ("plain", "agent", "tracker")
+VARIANTS = ("plain", "agent", "tracker", "tracker_python")
+
+
+@contextmanager
+def installed(variant: str) -> Iterator[None]:
+    """The agent as ``variant`` has it: ``plain`` none, ``agent`` without the tracker,
+    ``tracker`` the default install, ``tracker_python`` the same with the C first-iteration
+    hook disabled (what a build without a C compiler runs)."""
+    if variant == "plain":
+        yield
+        return
+    import asyncdiag
+    from asyncdiag import _asyncgens
+
+    c_hook = _asyncgens._CFirstIterHook
+    if variant == "tracker_python":
+        _asyncgens._CFirstIterHook = None
+    asyncdiag.install(exporter="none", track_asyncgens=(variant != "agent"))
+    try:
+        yield
+    finally:
+        asyncdiag.uninstall()
+        _asyncgens._CFirstIterHook = c_hook
 
 
 def factory_for(kind: str) -> Callable[[], asyncio.AbstractEventLoop]:
@@ -66,12 +91,8 @@ def factory_for(kind: str) -> Callable[[], asyncio.AbstractEventLoop]:
 
 
 def time_once(body: Callable[[], Coroutine[Any, Any, None]], variant: str, kind: str) -> float:
-    import asyncdiag
-
     gc.collect()
-    if variant != "plain":
-        asyncdiag.install(exporter="none", track_asyncgens=(variant == "tracker"))
-    try:
+    with installed(variant):
         loop = factory_for(kind)()
         try:
             asyncio.set_event_loop(loop)
@@ -82,59 +103,56 @@ def time_once(body: Callable[[], Coroutine[Any, Any, None]], variant: str, kind:
         finally:
             asyncio.set_event_loop(None)
             loop.close()
-    finally:
-        asyncdiag.uninstall()
     return elapsed
 
 
-def cpu(runs: int, kind: str) -> None:
-    print(f"# Python {sys.version.split()[0]}, {kind}, {runs} runs, process CPU time")
-    print("| section | plain ms (min) | agent/plain | tracker/plain | tracker/agent "
-          "(median) | tracker/agent (min) |")
+def cpu(runs: int, kind: str, sections: list[str]) -> None:
+    print(f"# Python {sys.version.split()[0]}, {kind}, {runs} runs, process CPU time, "
+          "medians of per-run ratios")
+    print("| section | plain ms (median) | agent/plain | tracker/plain | tracker/agent | "
+          "tracker_python/agent |")
     print("|---|---|---|---|---|---|")
-    for name, body in SECTIONS.items():
+    for name in sections:
+        body = SECTIONS[name]
         times: dict[str, list[float]] = {v: [] for v in VARIANTS}
         for v in VARIANTS:
             time_once(body, v, kind)  # warm-up
         for run in range(runs):
-            order = VARIANTS[run % 3:] + VARIANTS[:run % 3]
-            for v in order:
+            shift = run % len(VARIANTS)
+            for v in VARIANTS[shift:] + VARIANTS[:shift]:
                 times[v].append(time_once(body, v, kind))
 
         def ratio(a: str, b: str, times: dict[str, list[float]] = times) -> float:
             return statistics.median(x / y for x, y in zip(times[a], times[b], strict=True))
 
-        print(f"| {name} | {min(times['plain']) * 1000:.1f} | {ratio('agent', 'plain'):.3f} | "
-              f"{ratio('tracker', 'plain'):.3f} | {ratio('tracker', 'agent'):.3f} | "
-              f"{min(times['tracker']) / min(times['agent']):.3f} |", flush=True)
+        print(f"| {name} | {statistics.median(times['plain']) * 1000:.1f} | "
+              f"{ratio('agent', 'plain'):.3f} | {ratio('tracker', 'plain'):.3f} | "
+              f"{ratio('tracker', 'agent'):.3f} | {ratio('tracker_python', 'agent'):.3f} |",
+              flush=True)
 
 
 def run_child(variant: str, kind: str, workload: str, count: int) -> None:
     """In the valgrind child: one workload, ``count`` times (generators or section runs)."""
-    import asyncdiag
-
-    if variant != "plain":
-        asyncdiag.install(exporter="none", track_asyncgens=(variant == "tracker"))
-    loop = factory_for(kind)()
-    asyncio.set_event_loop(loop)
-    try:
-        if workload == "generators":
-            loop.run_until_complete(first_iterations(1000))  # warm-up: caches, specialisation
-            gc.collect()
-            gc.freeze()  # later collections do not rescan start-up objects N- or 2N-dependently
-            loop.run_until_complete(first_iterations(count))
-        else:
-            body = SECTIONS[workload]
-            loop.run_until_complete(body())
-            gc.collect()
-            gc.freeze()
-            for _ in range(count):
+    with installed(variant):
+        loop = factory_for(kind)()
+        asyncio.set_event_loop(loop)
+        try:
+            if workload == "generators":
+                loop.run_until_complete(first_iterations(1000))  # warm-up: caches, specialising
+                gc.collect()
+                gc.freeze()  # later collections do not rescan start-up objects N-dependently
+                loop.run_until_complete(first_iterations(count))
+            else:
+                body = SECTIONS[workload]
                 loop.run_until_complete(body())
-        loop.run_until_complete(loop.shutdown_asyncgens())
-    finally:
-        asyncio.set_event_loop(None)
-        loop.close()
-        asyncdiag.uninstall()
+                gc.collect()
+                gc.freeze()
+                for _ in range(count):
+                    loop.run_until_complete(body())
+            loop.run_until_complete(loop.shutdown_asyncgens())
+        finally:
+            asyncio.set_event_loop(None)
+            loop.close()
 
 
 async def _item(value: int) -> AsyncIterator[int]:
@@ -180,12 +198,14 @@ def instructions(kind: str, generators: int) -> None:
         print(f"first iteration loop, {v:8} {per_gen[v]:8.0f} instructions per generator",
               flush=True)
     print(f"tracker's own cost (tracker - agent): {per_gen['tracker'] - per_gen['agent']:.0f} "
-          "instructions per generator")
+          "instructions per generator; with the Python hook: "
+          f"{per_gen['tracker_python'] - per_gen['agent']:.0f}")
     print("| section | plain (M instructions per run) | agent/plain | tracker/plain |")
     print("|---|---|---|---|")
     for name in ("asyncgen_stream", "asyncgen_many"):
         per_run = {v: (count_instructions(v, kind, name, 3)
-                       - count_instructions(v, kind, name, 1)) / 2 for v in VARIANTS}
+                       - count_instructions(v, kind, name, 1)) / 2
+                   for v in ("plain", "agent", "tracker")}
         print(f"| {name} | {per_run['plain'] / 1e6:.1f} | "
               f"{per_run['agent'] / per_run['plain']:.3f} | "
               f"{per_run['tracker'] / per_run['plain']:.3f} |", flush=True)
@@ -262,12 +282,18 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("mode", choices=("cpu", "instructions", "memory"))
     parser.add_argument("--runs", type=int, default=31)
+    parser.add_argument("--sections", default=",".join(SECTIONS),
+                        help="cpu: comma-separated, from " + ", ".join(SECTIONS))
     parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
     parser.add_argument("--generators", type=int, default=None,
                         help="memory: 1,000,000 by default; instructions: 20,000")
     args = parser.parse_args()
     if args.mode == "cpu":
-        cpu(args.runs, args.loop)
+        sections = [name.strip() for name in args.sections.split(",") if name.strip()]
+        unknown = sorted(set(sections) - set(SECTIONS))
+        if unknown:
+            parser.error(f"unknown sections: {', '.join(unknown)}")
+        cpu(args.runs, args.loop, sections)
     elif args.mode == "instructions":
         instructions(args.loop, args.generators or 20_000)
     else:
