@@ -92,15 +92,20 @@ _ASYNCIO_DIR = os.path.dirname(os.path.abspath(asyncio.__file__)) + os.sep
 _CONTEXTLIB_FILE = os.path.abspath(contextlib.__file__)
 
 _get_running_loop = asyncio.events._get_running_loop
-# 3.12+ has a C current_task; before, asyncio.current_task is Python around a C dict
-# {loop: running task}, which the C hook reads directly.
-_current_task: Callable[[Any], Any]
-_current_task_source: Callable[[Any], Any] | dict[Any, Any]
-if isinstance(asyncio.current_task, types.BuiltinFunctionType):
-    _current_task = _current_task_source = asyncio.current_task
-else:
-    _running_tasks: dict[Any, Any] = asyncio.tasks._current_tasks  # type: ignore[attr-defined]
-    _current_task, _current_task_source = _running_tasks.get, _running_tasks
+# asyncio's {loop: running task} table, which current_task() reads up to 3.13 (3.14 keeps the
+# running task in the thread state). 3.12+ has a C current_task; before, it is Python around
+# that table, so the Python hook reads the table itself. The C hook reads it directly.
+_running_tasks: Any = getattr(asyncio.tasks, "_current_tasks", None)
+if not isinstance(_running_tasks, dict) or sys.version_info >= (3, 14):
+    _running_tasks = None
+_current_task: Callable[[Any], Any] = (
+    asyncio.current_task
+    if isinstance(asyncio.current_task, types.BuiltinFunctionType) or _running_tasks is None
+    else _running_tasks.get
+)
+_current_task_source: Callable[[Any], Any] | dict[Any, Any] = (
+    _running_tasks if _running_tasks is not None else _current_task
+)
 _getframe = sys._getframe
 _ref = weakref.ref
 _ref_of = itemgetter(0)
