@@ -2,9 +2,9 @@
  *
  * CPython calls the thread's firstiter hook once for every async generator of the program.
  * The Python version of this hook (``_asyncgens._Chain.make_firstiter``) is the reference and
- * the fallback when this module is not built; this one does exactly the same, step for step,
- * without the cost of a Python frame, its bytecode and ``sys._getframe``'s audit event (about
- * two thirds of what the tracker adds per generator).
+ * the fallback when this module is not built; this one does the same, step for step, without
+ * the cost of a Python frame, its bytecode and ``sys._getframe``'s audit event: 1,129
+ * instructions per generator on 3.11 against 3,403 (benchmarks/bench_asyncgens.py).
  *
  * Used only under a loop's own hooks (asyncio's or uvloop's), whose weak set of generators
  * answers liveness, so the entry holds no weak reference:
