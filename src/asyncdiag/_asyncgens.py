@@ -62,7 +62,7 @@ from typing import TYPE_CHECKING, Any
 import wrapt
 from opentelemetry import trace
 
-from . import _findings, _names, _safety
+from . import _findings, _loops, _names, _safety
 from ._frames import code_location, is_own_machinery
 from ._patching import Patcher
 
@@ -92,19 +92,10 @@ _ASYNCIO_DIR = os.path.dirname(os.path.abspath(asyncio.__file__)) + os.sep
 _CONTEXTLIB_FILE = os.path.abspath(contextlib.__file__)
 
 _get_running_loop = asyncio.events._get_running_loop
-# asyncio's {loop: running task} table, which current_task() reads up to 3.13 (3.14 keeps the
-# running task in the thread state). 3.12+ has a C current_task; before, it is Python around
-# that table, so the Python hook reads the table itself. The C hook reads it directly.
-_running_tasks: Any = getattr(asyncio.tasks, "_current_tasks", None)
-if not isinstance(_running_tasks, dict) or sys.version_info >= (3, 14):
-    _running_tasks = None
-_current_task: Callable[[Any], Any] = (
-    asyncio.current_task
-    if isinstance(asyncio.current_task, types.BuiltinFunctionType) or _running_tasks is None
-    else _running_tasks.get
-)
+_current_task = _loops.task_of
+# The C hook reads asyncio's {loop: running task} table itself where there is one.
 _current_task_source: Callable[[Any], Any] | dict[Any, Any] = (
-    _running_tasks if _running_tasks is not None else _current_task
+    _loops.RUNNING_TASKS if _loops.RUNNING_TASKS is not None else _current_task
 )
 _getframe = sys._getframe
 _ref = weakref.ref

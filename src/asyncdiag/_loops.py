@@ -42,6 +42,30 @@ logger = logging.getLogger("asyncdiag")
 LoopCallback = Callable[[asyncio.AbstractEventLoop], None]
 
 
+def _running_tasks_table() -> dict[Any, Any] | None:
+    """asyncio's ``{loop: running task}`` dict, which ``current_task()`` reads up to 3.13
+    (3.14 keeps the running task in the thread state), or None."""
+    table = getattr(asyncio.tasks, "_current_tasks", None)
+    if not isinstance(table, dict) or sys.version_info >= (3, 14):
+        return None
+    return table
+
+
+def _task_lookup(table: dict[Any, Any] | None) -> Callable[[Any], Any]:
+    """The cheapest ``loop -> current task``: ``asyncio.current_task`` is a Python function on
+    3.10/3.11 (a frame per call on hot paths), where the table is read directly."""
+    c_current = getattr(sys.modules.get("_asyncio"), "current_task", None)
+    if c_current is not None and asyncio.current_task is c_current:
+        return c_current  # type: ignore[no-any-return]
+    if table is not None:
+        return table.get
+    return asyncio.current_task
+
+
+RUNNING_TASKS = _running_tasks_table()
+task_of = _task_lookup(RUNNING_TASKS)
+
+
 class LoopRegistry:
     name = "loops"
 

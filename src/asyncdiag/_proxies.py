@@ -34,28 +34,14 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 
-from . import _findings, _names, _safety, _spans
+from . import _findings, _loops, _names, _safety, _spans
 from ._frames import code_location, program_frame
 
 _CancelledError = asyncio.CancelledError
 _get_running_loop = asyncio.events._get_running_loop
 _current_task = asyncio.current_task
 _HAS_CANCELLING = sys.version_info >= (3, 11)
-
-
-def _task_lookup() -> Callable[[Any], Any]:
-    """The cheapest ``loop -> current task`` available: ``asyncio.current_task`` is a Python
-    function on 3.11 (a frame per call on the hot path); its table is a plain dict there."""
-    c_current = getattr(sys.modules.get("_asyncio"), "current_task", None)
-    if c_current is not None and asyncio.current_task is c_current:
-        return c_current  # type: ignore[no-any-return]
-    table = getattr(asyncio.tasks, "_current_tasks", None)
-    if isinstance(table, dict):
-        return table.get
-    return asyncio.current_task
-
-
-_task_of = _task_lookup()
+_task_of = _loops.task_of
 
 # One item in this many gets its __anext__ timed (and, on 3.11+, checked for a cancellation
 # that went in and did not come out). Every item is counted. A clock read costs about as much
