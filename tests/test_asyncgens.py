@@ -49,6 +49,12 @@ def tracker() -> AsyncgenTracker:
     return component
 
 
+def installed_firstiter() -> Any:
+    """This thread's first-iteration hook as installed (asyncdiag's, wrapping the loop's):
+    ``sys.get_asyncgen_hooks()`` answers with the loop's own."""
+    return tracker()._orig_get().firstiter
+
+
 cleanups: list[str] = []
 
 
@@ -595,7 +601,7 @@ def test_c_and_python_hooks_record_the_same_entry(
         recorded: list[Any] = []
 
         async def main() -> None:
-            recorded.append(type(tracker()._orig_get().firstiter).__name__)
+            recorded.append(type(installed_firstiter()).__name__)
             plain = numbers()
             await _first_step(plain)
             manager = managed()
@@ -643,7 +649,7 @@ def test_entry_left_by_a_dead_generator_is_replaced_by_the_new_ones(
 
     async def main() -> tuple[tuple[Any, ...], bool, tuple[Any, ...] | None]:
         registry = tracker().registry
-        chain = tracker()._orig_get().firstiter._asyncdiag_chain
+        chain = installed_firstiter()._asyncdiag_chain
         agen = numbers()
         registry[id(agen)] = _stale_entry(chain)
         held = registry[id(agen)] if held_elsewhere else None
@@ -687,7 +693,7 @@ def test_first_iteration_hook_keeps_no_reference(loop_factory: LoopFactory) -> N
     async def main() -> tuple[list[int], list[int]]:
         task = asyncio.current_task()
         assert task is not None
-        hook = tracker()._orig_get().firstiter
+        hook = installed_firstiter()
         chain = hook._asyncdiag_chain
         # Not the loop: its own callbacks take and drop references to it meanwhile.
         watched = [task, task.get_name(), step.__code__, hook, chain, chain.first, tracker(),
@@ -960,7 +966,7 @@ def test_entries_under_the_loops_own_hooks_hold_no_weak_reference(
 
     async def main() -> None:
         loop: Any = asyncio.get_running_loop()
-        chain = tracker()._orig_get().firstiter._asyncdiag_chain
+        chain = installed_firstiter()._asyncdiag_chain
         seen["set found"] = chain.agens is not None
         if hasattr(loop, "_asyncgens"):  # asyncio's is a Python attribute, uvloop's is not
             seen["the loop's set"] = chain.agens is loop._asyncgens
@@ -1009,7 +1015,7 @@ def test_loop_with_its_own_firstiter_hook_is_tracked_through_weak_references(
     seen: dict[str, Any] = {}
 
     async def main() -> None:
-        chain = tracker()._orig_get().firstiter._asyncdiag_chain
+        chain = installed_firstiter()._asyncdiag_chain
         seen["set found"] = chain.agens is not None
         lines.append(here() + 1)
         async for value in numbers():
