@@ -388,7 +388,6 @@ hook_dealloc(FirstIterHook *self)
 static PyMemberDef hook_members[] = {
     /* _asyncgens._chain_of() finds the chain behind an installed hook through this name. */
     {"_asyncdiag_chain", T_OBJECT, offsetof(FirstIterHook, chain), READONLY, NULL},
-    {"first", T_OBJECT, offsetof(FirstIterHook, first), READONLY, NULL},
     {NULL},
 };
 

@@ -6,7 +6,6 @@ class FirstIterHook:
     """The asyncgen tracker's firstiter hook under a loop's own hooks."""
 
     _asyncdiag_chain: Any
-    first: Callable[[Any], object]
 
     def __init__(
         self,
