@@ -1,5 +1,7 @@
 """``_spans.set_attributes`` writes into SDK spans directly: it must give exactly what the
-SDK's ``Span.set_attributes`` gives, limits included, and step aside where it cannot."""
+SDK's ``Span.set_attributes`` gives, limits included, and step aside where it cannot.
+``_spans.context_access`` reaches OpenTelemetry's current Context without the API's calls: it
+must act as the API does, and step aside for any other runtime context."""
 
 from __future__ import annotations
 
@@ -8,6 +10,8 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from opentelemetry import context as otel_context
+from opentelemetry.context.contextvars_context import ContextVarsRuntimeContext
 from opentelemetry.sdk.trace import Span, SpanLimits, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -82,3 +86,42 @@ def test_an_ended_span_is_left_to_the_sdk(caplog: pytest.LogCaptureFixture) -> N
     assert "a" not in (span.attributes or {})
     assert "Setting attribute on ended span" in caplog.text
     provider.shutdown()
+
+
+def test_context_access_is_the_api_on_its_default_runtime_context() -> None:
+    get_current, attach, detach = _spans.context_access()
+    assert type(otel_context._RUNTIME_CONTEXT) is ContextVarsRuntimeContext
+    assert get_current() is otel_context.get_current()
+    outer = otel_context.get_current()
+    inner = otel_context.set_value("asyncdiag.test", 1)
+    token = attach(inner)
+    # What one side changes, the other sees: both are the same Context variable.
+    assert otel_context.get_current() is inner
+    assert otel_context.get_value("asyncdiag.test") == 1
+    detach(token)
+    assert otel_context.get_current() is outer
+    api_token = otel_context.attach(inner)
+    assert get_current() is inner
+    otel_context.detach(api_token)
+    assert get_current() is outer
+
+
+def test_context_access_steps_aside_for_another_runtime_context(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    class Recording(ContextVarsRuntimeContext):
+        """A runtime context of one's own, as ``OTEL_PYTHON_CONTEXT`` can select."""
+
+        attached = 0
+
+        def attach(self, context: Any) -> Any:
+            Recording.attached += 1
+            return super().attach(context)
+
+    monkeypatch.setattr(otel_context, "_RUNTIME_CONTEXT", Recording())
+    access = _spans.context_access()
+    assert access == (otel_context.get_current, otel_context.attach, otel_context.detach)
+    token = access[1](otel_context.set_value("asyncdiag.test", 2))
+    assert Recording.attached == 1
+    assert otel_context.get_value("asyncdiag.test") == 2
+    access[2](token)

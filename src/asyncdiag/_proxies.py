@@ -30,7 +30,6 @@ from types import CodeType, FrameType
 from typing import Any
 
 import wrapt
-from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 
@@ -100,8 +99,8 @@ class Runtime:
     """Shared by every wrapper while the agent is installed (``RUNTIME`` is None otherwise)."""
 
     # Slots: the wrappers read these on every operation.
-    __slots__ = ("iterations", "mode", "mode_final", "open", "pending_detach", "slow_teardown",
-                 "telemetry", "tracer", "tracing")
+    __slots__ = ("attach", "current_context", "detach", "iterations", "mode", "mode_final",
+                 "open", "pending_detach", "slow_teardown", "telemetry", "tracer", "tracing")
 
     def __init__(self, telemetry: Any, slow_teardown: float) -> None:
         self.telemetry = telemetry
@@ -112,8 +111,10 @@ class Runtime:
         self.open: dict[tuple[int, Any], _Open] = {}
         self.pending_detach: dict[int, _Open] = {}
         self.iterations: dict[int, _Iteration] = {}
+        self.current_context, self.attach, self.detach = _spans.context_access()
 
-    def start_span(self, name: str, attributes: dict[str, Any] | None = None) -> Any:
+    def start_span(self, name: str, attributes: dict[str, Any] | None = None,
+                   context: Any = None) -> Any:
         """A span for ``name`` when it would be sampled, else None (nothing to attach)."""
         if not self.mode_final:
             self.mode, self.mode_final = _spans.evaluate(self.tracer)
@@ -126,7 +127,7 @@ class Runtime:
                 return None
         elif mode == _spans.FOLLOW_PARENT_ROOT_ON and _spans.parent_sampled() is False:
             return None
-        return self.tracer.start_span(name, attributes=attributes)
+        return self.tracer.start_span(name, context=context, attributes=attributes)
 
     def bind(self, site: Site) -> Site:
         """Point ``site`` at this runtime's series (once per site and install)."""
@@ -205,12 +206,12 @@ class _Open:
 
     __slots__ = ("ctx", "enter_duration", "obj", "prev", "probe", "span", "task", "token")
 
-    def __init__(self, span: Any, obj: Any, task: Any) -> None:
+    def __init__(self, span: Any, obj: Any, task: Any, rt: Runtime, current: Any) -> None:
         self.span = span
         self.obj = obj  # strong: the id() key must not be reused while this is open
         self.task = task
-        self.ctx = trace.set_span_in_context(span)
-        self.token = otel_context.attach(self.ctx)
+        self.ctx = trace.set_span_in_context(span, current)
+        self.token = rt.attach(self.ctx)
         # Without a task (a coroutine driven by hand) the Context is identified by a probe.
         self.probe = _PROBE.set(None) if task is None else None
         self.enter_duration = 0.0
@@ -242,8 +243,8 @@ def _detach(rt: Runtime, record: _Open, task: Any) -> None:
     Context running now and the span is still on top; otherwise leave it for later (the
     next block entered or left in that Context unwinds it)."""
     same = record.task is task if record.task is not None else _same_context(record, task)
-    if same and otel_context.get_current() is record.ctx:
-        otel_context.detach(record.token)
+    if same and rt.current_context() is record.ctx:
+        rt.detach(record.token)
         if rt.pending_detach:
             _unwind(rt, task)
     elif len(rt.pending_detach) < MAX_OPEN:
@@ -256,12 +257,12 @@ def _unwind(rt: Runtime, task: Any) -> None:
     """Detach spans that ended elsewhere (or out of order) and are now on top here."""
     pending = rt.pending_detach
     while pending:
-        current = otel_context.get_current()
+        current = rt.current_context()
         record = pending.get(id(current))
         if record is None or record.ctx is not current or not _same_context(record, task):
             return
         del pending[id(current)]
-        otel_context.detach(record.token)
+        rt.detach(record.token)
 
 
 def _push_open(rt: Runtime, record: _Open) -> None:
@@ -335,8 +336,8 @@ def _end_with_span(
         span.set_status(Status(StatusCode.ERROR, exc_type.__qualname__))
     span.end()
     if (record.task is task and task is not None and not rt.pending_detach
-            and otel_context.get_current() is record.ctx):
-        otel_context.detach(record.token)  # the common case of _detach, without the call
+            and rt.current_context() is record.ctx):
+        rt.detach(record.token)  # the common case of _detach, without the call
     else:
         _detach(rt, record, task)
 
@@ -414,12 +415,14 @@ def _open_span(rt: Runtime, obj: Any, site: Site) -> _Open | None:
         if rt.pending_detach:
             _unwind(rt, task)
         # All attributes are set at the end, in one write (see ``_spans.set_attributes``);
-        # the `async with` line is in findings, not on every span.
+        # the `async with` line is in findings, not on every span. The current Context is
+        # passed in: without it the SDK looks it up three times (parent, sampler, new context).
+        current = rt.current_context()
         if rt.mode == _spans.ASK and rt.mode_final:  # the sampler decides: no pre-check
-            span = rt.tracer.start_span(site.with_span)
+            span = rt.tracer.start_span(site.with_span, context=current)
         else:
-            span = rt.start_span(site.with_span)
-        return _Open(span, obj, task) if span is not None else None
+            span = rt.start_span(site.with_span, context=current)
+        return _Open(span, obj, task, rt, current) if span is not None else None
     except Exception as internal:
         failed(internal)
         return None

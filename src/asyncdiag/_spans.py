@@ -17,13 +17,20 @@ written straight into its attribute dict when that gives exactly what ``set_attr
 would: room under the attribute count limit, no value length limit, the span not ended.
 Anything else (another SDK, a subclass that overrides ``set_attributes``, limits in play) goes
 through ``set_attributes``.
+
+OpenTelemetry's current Context is, by default, one ``ContextVar`` that the API reaches through
+two Python calls per ``get_current``/``attach``/``detach``. ``context_access`` hands the
+wrappers that variable's own ``get``/``set``/``reset`` when the runtime context is the API's
+default, and the API's functions otherwise.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextvars
+from collections.abc import Callable, Mapping
 from typing import Any
 
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 NEVER = 0  # the span would never record: skip it
@@ -91,6 +98,30 @@ def evaluate(tracer: Any) -> tuple[int, bool]:
     if root is True:
         return FOLLOW_PARENT_ROOT_ON, final
     return ASK, final
+
+
+ContextAccess = tuple[Callable[[], Any], Callable[[Any], Any], Callable[[Any], Any]]
+
+
+def context_access() -> ContextAccess:
+    """``(get_current, attach, detach)`` for OpenTelemetry's current Context.
+
+    With the API's default runtime context (``ContextVarsRuntimeContext``, whose three methods
+    are ``get``/``set``/``reset`` of its ``ContextVar``) these are the variable's own methods,
+    one C call each. One difference, which the callers rule out: the API's ``detach`` logs a
+    failed reset, ``ContextVar.reset`` raises; the wrappers reset a token only in the Context
+    that made it, once. Any other runtime context (set through ``OTEL_PYTHON_CONTEXT``) is
+    used through the API."""
+    api: ContextAccess = (otel_context.get_current, otel_context.attach, otel_context.detach)
+    try:
+        from opentelemetry.context.contextvars_context import ContextVarsRuntimeContext
+    except ImportError:  # pragma: no cover - part of the API package
+        return api
+    runtime = getattr(otel_context, "_RUNTIME_CONTEXT", None)
+    var = getattr(runtime, "_current_context", None)
+    if type(runtime) is not ContextVarsRuntimeContext or type(var) is not contextvars.ContextVar:
+        return api
+    return var.get, var.set, var.reset
 
 
 def parent_sampled() -> bool | None:
