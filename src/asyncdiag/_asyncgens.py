@@ -91,7 +91,7 @@ _MIN_PRUNE = 1024
 _ASYNCIO_DIR = os.path.dirname(os.path.abspath(asyncio.__file__)) + os.sep
 _CONTEXTLIB_FILE = os.path.abspath(contextlib.__file__)
 
-_get_running_loop = asyncio.events._get_running_loop
+_get_running_loop = _loops.running_loop
 _current_task = _loops.task_of
 # The C hook reads asyncio's {loop: running task} table itself where there is one.
 _current_task_source: Callable[[Any], Any] | dict[Any, Any] = (

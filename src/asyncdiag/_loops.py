@@ -62,8 +62,30 @@ def _task_lookup(table: dict[Any, Any] | None) -> Callable[[Any], Any]:
     return asyncio.current_task
 
 
+def _running_loop_lookup() -> Callable[[], Any]:
+    """The cheapest ``asyncio._get_running_loop``. On 3.10/3.11 asyncio's makes a ``getpid()``
+    system call per call (its fork check: about 200 ns of the 250 ns it costs here, against
+    60 ns on 3.13); the C extension's ``running_loop`` reads the same state and checks the pid
+    against one refreshed at fork. It is used only where asyncio's function is the C
+    accelerator's (which keeps that state), and only if both answer alike outside a loop."""
+    asyncio_lookup: Callable[[], Any] = asyncio.events._get_running_loop
+    accelerator: object = getattr(sys.modules.get("_asyncio"), "_get_running_loop", None)
+    try:
+        from ._speedups import running_loop
+    except ImportError:
+        return asyncio_lookup
+    if accelerator is None or asyncio_lookup is not accelerator:
+        return asyncio_lookup
+    try:
+        agrees = running_loop() is asyncio_lookup()
+    except Exception:
+        return asyncio_lookup
+    return running_loop if agrees else asyncio_lookup
+
+
 RUNNING_TASKS = _running_tasks_table()
 task_of = _task_lookup(RUNNING_TASKS)
+running_loop = _running_loop_lookup()
 
 
 class LoopRegistry:

@@ -37,7 +37,7 @@ from . import _findings, _loops, _names, _safety, _spans
 from ._frames import code_location, program_frame
 
 _CancelledError = asyncio.CancelledError
-_get_running_loop = asyncio.events._get_running_loop
+_get_running_loop = _loops.running_loop
 _current_task = asyncio.current_task
 _HAS_CANCELLING = sys.version_info >= (3, 11)
 _task_of = _loops.task_of
@@ -516,9 +516,9 @@ def make_cm_methods(
     helper above.
     """
     active = [True]
-    # Whether a cancellation can reach the original __aexit__ at all. On 3.10/3.11 finding
-    # the current task costs a getpid() system call (asyncio's get_running_loop checks the
-    # pid), the largest single cost of an exit here: skipped when it cannot matter.
+    # Whether a cancellation can reach the original __aexit__ at all. Finding the current task
+    # is the largest single cost of an exit here (on 3.10/3.11 without the C extension,
+    # asyncio's get_running_loop makes a getpid() system call): skipped when it cannot matter.
     check_cancel = _HAS_CANCELLING and may_suspend(call_exit)
 
     # Fixed signatures, those of the protocol: packing ``*args, **kwargs`` on every call

@@ -18,3 +18,6 @@ class FirstIterHook:
         current_task: Callable[[Any], Any] | dict[Any, Any],
     ) -> None: ...
     def __call__(self, agen: Any, /) -> None: ...
+
+def running_loop() -> Any:
+    """asyncio's ``_get_running_loop()`` without a ``getpid()`` call (built on 3.10/3.11 only)."""
