@@ -43,6 +43,12 @@ from typing import Any
 
 WITH_OPS = 20_000
 ITEMS = 200_000
+# "batch": a BatchSpanProcessor, as a service would run (the default). "simple": spans are
+# handed to the exporter as they end, in the loop's thread; count_instructions.py uses it,
+# because with a batch worker thread the number of spans alive at each garbage collection
+# depends on thread timing, which moves the count per operation by several thousand
+# instructions from run to run.
+PROCESSOR = "batch"
 # CPU time of the loop thread by default: on a shared, loaded machine wall-clock time also
 # counts the time the thread waited for a CPU, which inflates everything unevenly.
 CLOCK = time.thread_time
@@ -143,6 +149,7 @@ def _providers(sampler: str) -> tuple[Any, Any]:
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import (
         BatchSpanProcessor,
+        SimpleSpanProcessor,
         SpanExporter,
         SpanExportResult,
     )
@@ -160,7 +167,8 @@ def _providers(sampler: str) -> tuple[Any, Any]:
             del os.environ["OTEL_TRACES_SAMPLER"]
         else:
             os.environ["OTEL_TRACES_SAMPLER"] = previous
-    tracer_provider.add_span_processor(BatchSpanProcessor(DropExporter()))
+    processor = SimpleSpanProcessor if PROCESSOR == "simple" else BatchSpanProcessor
+    tracer_provider.add_span_processor(processor(DropExporter()))
     meter_provider = MeterProvider(metric_readers=[InMemoryMetricReader()])
     return tracer_provider, meter_provider
 

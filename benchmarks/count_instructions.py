@@ -47,6 +47,7 @@ def run_one(name: str, ops: int) -> None:
     import bench_instrumentation as bench
 
     sampler, workload = WORKLOADS[name]
+    bench.PROCESSOR = "simple"  # deterministic counts (see bench_instrumentation.PROCESSOR)
     with bench.agent(sampler) as (tracer_provider, _):
         kind, _, target = workload.partition(":")
         if kind == "with":
