@@ -122,6 +122,18 @@ def otel_for(sampled: bool = True) -> Iterator[Otel]:
         o.shutdown()
 
 
+@pytest.fixture(params=["c", "python"])
+def record_since(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The wrappers' step that records a duration: the C extension's, and the Python one
+    used where it was not built (the same contract, ``_telemetry.record_since``)."""
+    if request.param == "python":
+        monkeypatch.setattr(_proxies, "_record_since", _telemetry._record_since_python)
+    else:
+        speedups = pytest.importorskip("asyncdiag._speedups")
+        assert _proxies._record_since is speedups.record_since
+    return str(request.param)
+
+
 @pytest.fixture
 def otel() -> Iterator[Otel]:
     with otel_for() as o:
@@ -430,6 +442,7 @@ def test_swallowed_cancellation_in_aexit(
 @pytest.mark.skipif(not PY311, reason="needs Task.cancelling() (3.11+)")
 def test_cancellation_caught_inside_aexit_is_found(
     loop_factory: Callable[[], asyncio.AbstractEventLoop], modules: Modules, otel: Otel,
+    record_since: str,
 ) -> None:
     name = modules.write(MISTAKES)
     otel.install(f"{name}:CatchesDuringClose")
@@ -452,6 +465,7 @@ def test_cancellation_caught_inside_aexit_is_found(
 
 def test_slow_teardown_of_aexit_and_of_aclose(
     loop_factory: Callable[[], asyncio.AbstractEventLoop], modules: Modules, otel: Otel,
+    record_since: str,
 ) -> None:
     name = modules.write(MISTAKES)
     otel.install(f"{name}.*", slow_teardown_threshold=0.03)
@@ -576,6 +590,7 @@ def test_unsampled_tracing_creates_no_spans_and_changes_no_context(
 
 def test_exit_outcomes_in_metrics(
     loop_factory: Callable[[], asyncio.AbstractEventLoop], modules: Modules, otel: Otel,
+    record_since: str,
 ) -> None:
     name = modules.write(NESTING + MISTAKES.replace("import asyncio", ""))
     otel.install(f"{name}:Outer", f"{name}:Forgiving")
@@ -604,6 +619,49 @@ def test_exit_outcomes_in_metrics(
     outcomes = {p.attributes[_names.ATTR_OUTCOME]: p.count for p in otel.points(
         _names.CONTEXT_EXIT_DURATION.name)}
     assert outcomes == {"ok": 1, "error": 1, "suppressed": 1, "cancelled": 1}
+
+
+TIMED = '''
+import asyncio
+
+class Timed:
+    async def __aenter__(self):
+        await asyncio.sleep(0.02)
+        return self
+    async def __aexit__(self, exc_type, exc, tb):
+        await asyncio.sleep(0.03)
+'''
+
+
+@pytest.mark.parametrize("sampled", [False, True])
+def test_enter_and_exit_durations_are_the_awaited_times(
+    loop_factory: Callable[[], asyncio.AbstractEventLoop], modules: Modules, sampled: bool,
+    record_since: str,
+) -> None:
+    with otel_for(sampled=sampled) as otel:
+        name = modules.write(TIMED)
+        otel.install(f"{name}:Timed")
+        mod = importlib.import_module(name)
+
+        async def main() -> None:
+            for _ in range(3):
+                async with mod.Timed():
+                    time.sleep(0.05)  # the body: in neither duration
+
+        run_on(loop_factory, main())
+        (enter,) = otel.points(_names.CONTEXT_ENTER_DURATION.name)
+        (exit_,) = otel.points(_names.CONTEXT_EXIT_DURATION.name)
+        assert enter.count == exit_.count == 3
+        # uvloop's timers have millisecond resolution; with the body's 50 ms in a duration,
+        # it would be 70 ms or more.
+        assert enter.min >= 0.015 and enter.max < 0.05, (enter.min, enter.max)
+        assert exit_.min >= 0.025 and exit_.max < 0.07, (exit_.min, exit_.max)
+        if sampled:
+            spans = otel.finished("async with")
+            assert len(spans) == 3
+            for span in spans:
+                assert 0.015 <= span.attributes["asyncdiag.enter.duration"] < 0.05
+                assert 0.025 <= span.attributes["asyncdiag.exit.duration"] < 0.07
 
 
 # -- targets ----------

@@ -495,3 +495,29 @@ def test_no_value_is_lost_when_collection_races_the_recording_thread(
     (point,) = providers.collect()[_names.CONTEXT_ENTER_DURATION.name].data.data_points
     assert point.count == total
     assert point.sum == pytest.approx(total * 0.0003)
+
+
+@pytest.mark.parametrize("implementation", ["c", "python"])
+def test_record_since_appends_the_elapsed_time_and_folds_when_full(implementation: str) -> None:
+    if implementation == "c":
+        record = pytest.importorskip("asyncdiag._speedups").record_since
+        assert _telemetry.record_since is record
+    else:
+        record = _telemetry._record_since_python
+    folded: list[list[float]] = []
+
+    class Histogram:
+        def fold(self, series: list[float]) -> None:
+            folded.append(list(series))
+            series.clear()
+
+    series = _telemetry.Series(Histogram(), [], {}, 3)  # type: ignore[arg-type]
+    durations = []
+    for _ in range(4):
+        t0 = time.perf_counter() - 0.5  # the clock is perf_counter's: half a second ago
+        durations.append(record(series, t0))
+    assert all(0.5 <= d < 1.0 for d in durations), durations
+    assert folded == [durations[:3]]
+    assert series == durations[3:]
+    with pytest.raises((TypeError, AttributeError)):  # not a series: an error, not a crash
+        record(object(), 0.0)  # type: ignore[arg-type]

@@ -33,7 +33,7 @@ import wrapt
 from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 
-from . import _findings, _loops, _names, _safety, _spans
+from . import _findings, _loops, _names, _safety, _spans, _telemetry
 from ._frames import code_location, program_frame
 
 _CancelledError = asyncio.CancelledError
@@ -41,6 +41,7 @@ _get_running_loop = _loops.running_loop
 _current_task = asyncio.current_task
 _HAS_CANCELLING = sys.version_info >= (3, 11)
 _task_of = _loops.task_of
+_record_since = _telemetry.record_since
 
 # One item in this many gets its __anext__ timed (and, on 3.11+, checked for a cancellation
 # that went in and did not come out). Every item is counted. A clock read costs about as much
@@ -456,20 +457,24 @@ def _exit_failed(rt: Runtime, site: Site, record: _Open | None, exc: BaseExcepti
         failed(internal)
 
 
+def _ok_exit_findings(rt: Runtime, site: Site, record: _Open | None, duration: float,
+                      task: Any, cancelling: int, caller: FrameType) -> None:
+    """``__aexit__`` returned with no exception in flight, already recorded, and took too long
+    or kept a cancellation delivered into it."""
+    new_cancel = cancelling >= 0 and task.cancelling() > cancelling
+    _exit_findings(rt, site, caller, None, None, new_cancel, duration,
+                   record.span if record is not None else None)
+
+
 def _exited(rt: Runtime, site: Site, record: _Open | None, exc_type: Any, suppress: Any,
             duration: float, task: Any, cancelling: int, caller: FrameType) -> None:
-    """``__aexit__`` returned: everything but the common case (no exception, no span,
-    nothing to report), which the wrapper records inline."""
-    if exc_type is None:
-        outcome: _names.Outcome = "ok"
-        swallowed = False
-        new_cancel = cancelling >= 0 and task.cancelling() > cancelling
-    else:
-        outcome = _outcome(exc_type, suppress)
-        swallowed = bool(suppress)
-        new_cancel = (
-            cancelling >= 0 and outcome != "cancelled" and task.cancelling() > cancelling
-        )
+    """``__aexit__`` returned with an exception in flight (the wrapper records the common
+    case, no exception, itself)."""
+    outcome = _outcome(exc_type, suppress)
+    swallowed = bool(suppress)
+    new_cancel = (
+        cancelling >= 0 and outcome != "cancelled" and task.cancelling() > cancelling
+    )
     rt.telemetry.record_exit(site.subject, outcome, duration)
     if swallowed or new_cancel or duration > rt.slow_teardown:
         _exit_findings(rt, site, caller, exc_type, suppress, new_cancel, duration,
@@ -538,10 +543,7 @@ def make_cm_methods(
                 _trim(exc, __aenter__.__code__)
                 raise
             try:
-                series = s.enter
-                series.append(perf_counter() - t0)
-                if len(series) >= series.limit:
-                    series.histogram.fold(series)
+                _record_since(s.enter, t0)
             except Exception as internal:
                 failed(internal)
             return result
@@ -557,12 +559,8 @@ def make_cm_methods(
             _enter_failed(rt, s, record, exc, perf_counter() - t0)
             _trim(exc, __aenter__.__code__)
             raise
-        duration = perf_counter() - t0
         try:
-            series = s.enter if s.runtime is rt else rt.bind(s).enter
-            series.append(duration)
-            if len(series) >= series.limit:
-                series.histogram.fold(series)
+            duration = _record_since(s.enter if s.runtime is rt else rt.bind(s).enter, t0)
             if record is not None:
                 record.enter_duration = duration
                 opened = rt.open
@@ -599,17 +597,17 @@ def make_cm_methods(
                 _exit_failed(rt, s, None, error, perf_counter() - t0, task, sys._getframe(1))
                 _trim(error, __aexit__.__code__)
                 raise
-            duration = perf_counter() - t0
             try:
-                if (exc_type is None and duration <= rt.slow_teardown
-                        and (cancelling < 0 or task.cancelling() <= cancelling)):
-                    series = s.exit_ok
-                    series.append(duration)
-                    if len(series) >= series.limit:
-                        series.histogram.fold(series)
+                if exc_type is None:
+                    # Outcome "ok" whatever is found: recorded first, reported if need be.
+                    duration = _record_since(s.exit_ok, t0)
+                    if (duration > rt.slow_teardown
+                            or (cancelling >= 0 and task.cancelling() > cancelling)):
+                        _ok_exit_findings(rt, s, None, duration, task, cancelling,
+                                          sys._getframe(1))
                 else:
-                    _exited(rt, s, None, exc_type, suppress, duration, task, cancelling,
-                            sys._getframe(1))
+                    _exited(rt, s, None, exc_type, suppress, perf_counter() - t0, task,
+                            cancelling, sys._getframe(1))
             except Exception as internal:
                 failed(internal)
             return suppress
@@ -638,19 +636,18 @@ def make_cm_methods(
             _exit_failed(rt, s, record, error, perf_counter() - t0, task, sys._getframe(1))
             _trim(error, __aexit__.__code__)
             raise
-        duration = perf_counter() - t0
         try:
-            if (exc_type is None and duration <= rt.slow_teardown
-                    and (cancelling < 0 or task.cancelling() <= cancelling)):
-                series = s.exit_ok if s.runtime is rt else rt.bind(s).exit_ok
-                series.append(duration)
-                if len(series) >= series.limit:
-                    series.histogram.fold(series)
+            if exc_type is None:
+                duration = _record_since(s.exit_ok if s.runtime is rt else rt.bind(s).exit_ok, t0)
+                if duration > rt.slow_teardown or (cancelling >= 0
+                                                   and task.cancelling() > cancelling):
+                    _ok_exit_findings(rt, s, record, duration, task, cancelling,
+                                      sys._getframe(1))
                 if record is not None:
                     _end_with_span(rt, record, "ok", duration, None, s, task)
             else:
-                _exited(rt, s, record, exc_type, suppress, duration, task, cancelling,
-                        sys._getframe(1))
+                _exited(rt, s, record, exc_type, suppress, perf_counter() - t0, task,
+                        cancelling, sys._getframe(1))
         except Exception as internal:
             failed(internal)
         return suppress
@@ -976,12 +973,8 @@ async def _timed_request(counted: _Counted, awaitable: Any) -> Any:
     except BaseException as exc:
         _trim(exc, _TIMED_REQUEST_CODE)
         raise
-    duration = perf_counter() - t0
     try:
-        series = counted.series
-        series.append(duration)
-        if len(series) >= series.limit:
-            series.histogram.fold(series)
+        _record_since(counted.series, t0)
         if task is not None and task.cancelling() > cancelling:
             _iteration_findings(counted.rt, counted.site, counted.location(),
                                 _names.SWALLOWED_CANCELLATION, None, None)

@@ -473,7 +473,73 @@ running_loop(PyObject *module, PyObject *Py_UNUSED(ignored))
 }
 #endif
 
+/* record_since(series, t0) -> duration: the instrumentation's metrics step after an awaited
+ * __aenter__/__aexit__, as one call instead of five Python operations:
+ *
+ *     duration = time.perf_counter() - t0
+ *     series.append(duration)
+ *     if len(series) >= series.limit:
+ *         series.histogram.fold(series)
+ *     return duration
+ *
+ * series is a _telemetry.Series (a list). The clock is perf_counter's own. */
+static PyObject *str_limit, *str_histogram, *str_fold;
+
+static PyObject *
+record_since(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2 || !PyList_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "record_since(series: list, t0: float)");
+        return NULL;
+    }
+    PyObject *series = args[0];
+    double t0 = PyFloat_AsDouble(args[1]);
+    if (t0 == -1.0 && PyErr_Occurred()) {
+        return NULL;
+    }
+#if PY_VERSION_HEX >= 0x030D0000
+    PyTime_t now;
+    if (PyTime_PerfCounter(&now) < 0) {
+        return NULL;
+    }
+    PyObject *duration = PyFloat_FromDouble(PyTime_AsSecondsDouble(now) - t0);
+#else
+    PyObject *duration = PyFloat_FromDouble(
+        _PyTime_AsSecondsDouble(_PyTime_GetPerfCounter()) - t0);
+#endif
+    if (duration == NULL || PyList_Append(series, duration) < 0) {
+        Py_XDECREF(duration);
+        return NULL;
+    }
+    PyObject *limit = PyObject_GetAttr(series, str_limit);
+    if (limit == NULL) {
+        Py_DECREF(duration);
+        return NULL;
+    }
+    Py_ssize_t at = PyLong_AsSsize_t(limit);
+    Py_DECREF(limit);
+    if (at == -1 && PyErr_Occurred()) {
+        Py_DECREF(duration);
+        return NULL;
+    }
+    if (PyList_GET_SIZE(series) >= at) {
+        PyObject *histogram = PyObject_GetAttr(series, str_histogram);
+        PyObject *folded = histogram == NULL ? NULL
+            : PyObject_CallMethodOneArg(histogram, str_fold, series);
+        Py_XDECREF(histogram);
+        if (folded == NULL) {
+            Py_DECREF(duration);
+            return NULL;
+        }
+        Py_DECREF(folded);
+    }
+    return duration;
+}
+
 static PyMethodDef speedups_functions[] = {
+    {"record_since", (PyCFunction)(void (*)(void))record_since, METH_FASTCALL,
+     "Append perf_counter() - t0 to a metrics series, folding it when full; "
+     "return the duration."},
 #if PY_VERSION_HEX < 0x030C0000
     {"running_loop", running_loop, METH_NOARGS,
      "asyncio's _get_running_loop() without a getpid() system call (3.10/3.11)."},
@@ -500,6 +566,9 @@ PyInit__speedups(void)
     INTERN(str_prune, "prune");
     INTERN(str_failed, "failed");
     INTERN(str_get_name, "get_name");
+    INTERN(str_limit, "limit");
+    INTERN(str_histogram, "histogram");
+    INTERN(str_fold, "fold");
 #if PY_VERSION_HEX < 0x030C0000
     INTERN(str_running_loop_key, "__asyncio_running_event_loop__");
 #endif

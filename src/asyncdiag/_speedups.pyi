@@ -21,3 +21,6 @@ class FirstIterHook:
 
 def running_loop() -> Any:
     """asyncio's ``_get_running_loop()`` without a ``getpid()`` call (built on 3.10/3.11 only)."""
+
+def record_since(series: list[float], t0: float, /) -> float:
+    """Append ``perf_counter() - t0`` to a metrics series, folding it when full."""

@@ -35,7 +35,7 @@ import threading
 import weakref
 from bisect import bisect_right
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
-from time import time_ns
+from time import perf_counter, time_ns
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry import metrics, trace
@@ -106,6 +106,27 @@ class Series(list[float]):
         self.point = point
         self.attributes = attributes
         self.limit = limit
+
+
+def _record_since_python(series: Series, t0: float) -> float:
+    """Append ``perf_counter() - t0`` to ``series`` (folding it when full); the duration."""
+    duration = perf_counter() - t0
+    series.append(duration)
+    if len(series) >= series.limit:
+        series.histogram.fold(series)
+    return duration
+
+
+# The instrumentation's step after every awaited __aenter__/__aexit__ and timed item: in C
+# when the extension is built (one call instead of five Python operations, about 330
+# instructions less per duration on 3.11), else the function above.
+record_since: Callable[[Series, float], float]
+try:
+    from ._speedups import record_since as _record_since_c
+except ImportError:  # built without a C compiler
+    record_since = _record_since_python
+else:
+    record_since = _record_since_c
 
 
 def _fold_into(point: list[float], values: list[float]) -> None:
