@@ -122,6 +122,18 @@ def otel_for(sampled: bool = True) -> Iterator[Otel]:
         o.shutdown()
 
 
+@pytest.fixture(autouse=True, params=["c-blocks", "python-blocks"])
+def traced_blocks(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test twice: with traced blocks opened and closed by the C extension
+    (``_speedups.BlockOps``) and by the Python reference (``_proxies._open_span``...)."""
+    if request.param == "python-blocks":
+        monkeypatch.setattr(_proxies, "_BlockOps", None)
+    else:
+        pytest.importorskip("asyncdiag._speedups")
+        assert _proxies._BlockOps is not None
+    return str(request.param)
+
+
 @pytest.fixture(params=["c", "python"])
 def record_since(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """The wrappers' step that records a duration: the C extension's, and the Python one
@@ -631,6 +643,26 @@ class Timed:
     async def __aexit__(self, exc_type, exc, tb):
         await asyncio.sleep(0.03)
 '''
+
+
+def test_traced_blocks_use_the_implementation_chosen(
+    loop_factory: Callable[[], asyncio.AbstractEventLoop], modules: Modules, otel: Otel,
+    traced_blocks: str,
+) -> None:
+    name = modules.write(TIMED)
+    otel.install(f"{name}:Timed")
+    mod = importlib.import_module(name)
+    seen: list[str] = []
+
+    async def main() -> None:
+        async with mod.Timed():
+            rt = _proxies.RUNTIME
+            assert rt is not None
+            seen.extend(type(record).__name__ for record in rt.open.values())
+
+    run_on(loop_factory, main())
+    assert seen == (["Block"] if traced_blocks == "c-blocks" else ["_Open"])
+    assert len(otel.finished("async with")) == 1
 
 
 @pytest.mark.parametrize("sampled", [False, True])

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 import asyncdiag
 from _support import run_on
-from asyncdiag import _findings, _telemetry
+from asyncdiag import _findings, _proxies, _telemetry
 
 SOURCE = '''
 import asyncio
@@ -210,17 +210,22 @@ def module_pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any,
         sys.modules.pop("adx_prop_instr", None)
 
 
-@pytest.mark.parametrize("sampled", [True, False], ids=["traced", "metrics-only"])
+@pytest.mark.parametrize("mode", ["traced", "traced-python-blocks", "metrics-only"])
 @settings(max_examples=60, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(plan=plans)
 def test_instrumented_runs_are_indistinguishable(
-    loop_factory: Callable[[], asyncio.AbstractEventLoop],
-    module_pair: tuple[Any, str], sampled: bool, plan: dict[str, Any],
+    loop_factory: Callable[[], asyncio.AbstractEventLoop], monkeypatch: pytest.MonkeyPatch,
+    module_pair: tuple[Any, str], mode: str, plan: dict[str, Any],
 ) -> None:
+    """``traced`` opens and closes spans with the C extension's ``BlockOps`` where it is
+    built; ``traced-python-blocks`` with the Python reference."""
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 
+    sampled = mode != "metrics-only"
+    if mode == "traced-python-blocks":
+        monkeypatch.setattr(_proxies, "_BlockOps", None)
     plain, instr_name = module_pair
     provider = TracerProvider(sampler=None if sampled else ALWAYS_OFF)
     _telemetry.use_providers(tracer_provider=provider)

@@ -42,6 +42,13 @@ _current_task = asyncio.current_task
 _HAS_CANCELLING = sys.version_info >= (3, 11)
 _task_of = _loops.task_of
 _record_since = _telemetry.record_since
+_Block: Any = None
+_BlockOps: Any = None
+try:
+    from ._speedups import Block as _Block
+    from ._speedups import BlockOps as _BlockOps
+except ImportError:  # built without a C compiler: the Python path below does it all
+    pass
 
 # One item in this many gets its __anext__ timed (and, on 3.11+, checked for a cancellation
 # that went in and did not come out). Every item is counted. A clock read costs about as much
@@ -100,8 +107,9 @@ class Runtime:
     """Shared by every wrapper while the agent is installed (``RUNTIME`` is None otherwise)."""
 
     # Slots: the wrappers read these on every operation.
-    __slots__ = ("attach", "current_context", "detach", "iterations", "mode", "mode_final",
-                 "open", "pending_detach", "slow_teardown", "telemetry", "tracer", "tracing")
+    __slots__ = ("attach", "blocks", "current_context", "detach", "iterations", "mode",
+                 "mode_final", "open", "pending_detach", "slow_teardown", "telemetry", "tracer",
+                 "tracing")
 
     def __init__(self, telemetry: Any, slow_teardown: float) -> None:
         self.telemetry = telemetry
@@ -113,6 +121,25 @@ class Runtime:
         self.pending_detach: dict[int, _Open] = {}
         self.iterations: dict[int, _Iteration] = {}
         self.current_context, self.attach, self.detach = _spans.context_access()
+        # The common case of a traced block in C, when the extension is built (see
+        # _speedups.c, "Traced blocks"). Spans start as in _open_span: straight from the tracer
+        # when the sampler decides each one, else through start_span's pre-check.
+        self.blocks: Any = None
+        if _BlockOps is not None and self.tracing:
+            ask = self.mode == _spans.ASK and self.mode_final
+            table = _loops.RUNNING_TASKS
+            self.blocks = _BlockOps(
+                rt=self, running_loop=_get_running_loop,
+                task_of=table if table is not None and _task_of == table.get else _task_of,
+                current_context=self.current_context, attach=self.attach, detach=self.detach,
+                start_span=self.tracer.start_span if ask else self.start_span,
+                set_span_in_context=trace.set_span_in_context,
+                set_attributes=_spans.set_attributes, direct_types=_spans.DIRECT_TYPES,
+                opened=self.open, pending=self.pending_detach, unwind=_unwind,
+                pop_other=_pop_open, detach_later=_detach,
+                keys=(_names.ATTR_SUBJECT, _names.ATTR_OUTCOME, "asyncdiag.enter.duration",
+                      "asyncdiag.exit.duration"),
+            )
 
     def start_span(self, name: str, attributes: dict[str, Any] | None = None,
                    context: Any = None) -> Any:
@@ -551,7 +578,15 @@ def make_cm_methods(
             type(self).__aenter__ is not __aenter__ or type(self).__aexit__ is not __aexit__
         )):
             return await call_enter(self)
-        record = _open_span(rt, self, s) if rt.tracing else None
+        record = None
+        if rt.tracing:
+            try:
+                blocks = rt.blocks
+                record = blocks.open(s.with_span, self) if blocks is not None else NotImplemented
+            except Exception as internal:
+                failed(internal)
+            if record is NotImplemented:
+                record = _open_span(rt, self, s)
         t0 = perf_counter()
         try:
             result = await call_enter(self)
@@ -628,7 +663,9 @@ def make_cm_methods(
                     except AttributeError:
                         pass
             if rt.open:
-                record = _pop_open(rt, self, task)
+                blocks = rt.blocks
+                record = (blocks.pop(self, task) if blocks is not None
+                          else _pop_open(rt, self, task))
         t0 = perf_counter()
         try:
             suppress = await call_exit(self, exc_type, exc, tb)
@@ -644,7 +681,10 @@ def make_cm_methods(
                     _ok_exit_findings(rt, s, record, duration, task, cancelling,
                                       sys._getframe(1))
                 if record is not None:
-                    _end_with_span(rt, record, "ok", duration, None, s, task)
+                    if type(record) is _Block:
+                        rt.blocks.close(record, s.subject, "ok", duration, task)
+                    else:
+                        _end_with_span(rt, record, "ok", duration, None, s, task)
             else:
                 _exited(rt, s, record, exc_type, suppress, perf_counter() - t0, task,
                         cancelling, sys._getframe(1))

@@ -132,7 +132,8 @@ def parent_sampled() -> bool | None:
     return bool(context.trace_flags.sampled)
 
 
-_direct_types: dict[type, bool] = {}
+# Span type -> whether its attributes can be written directly (read by _speedups' BlockOps).
+DIRECT_TYPES: dict[type, bool] = {}
 
 
 def _supports_direct(span: Any) -> bool:
@@ -155,9 +156,9 @@ def _supports_direct(span: Any) -> bool:
 def set_attributes(span: Any, attributes: Mapping[str, str | bool | int | float]) -> None:
     """``span.set_attributes(attributes)`` for values that are valid as they are."""
     kind = type(span)
-    direct = _direct_types.get(kind)
+    direct = DIRECT_TYPES.get(kind)
     if direct is None:
-        direct = _direct_types[kind] = _supports_direct(span)
+        direct = DIRECT_TYPES[kind] = _supports_direct(span)
     if direct:
         store = span._attributes
         values = store._dict

@@ -536,6 +536,481 @@ record_since(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return duration;
 }
 
+
+/* ---- Traced blocks --------------------------------------------------------------------------
+ *
+ * The common case of a traced `async with` (a task is running), in C: the bookkeeping around the SDK's own calls is most of what a
+ * traced block adds over the SDK's span, and as Python bytecode it cost about as much again
+ * as the span's own Python code. The Python versions in _proxies (_open_span, _Open,
+ * _pop_open, _end_with_span) are the reference, the fallback, and what every other case
+ * uses; they read and write Block records as they do _Open ones (the same attributes).
+ *
+ *   open(name, obj) -> Block, None (not sampled), or NotImplemented (no running task: the
+ *                      Python path)
+ *       task = current task; if rt.pending_detach: unwind(rt, task)
+ *       current = current_context()
+ *       span = start_span(name, context=current)   (the tracer's, or Runtime.start_span)
+ *       if span is None: return None
+ *       ctx = set_span_in_context(span, current); token = attach(ctx)
+ *   pop(obj, task) -> Block or None            (_pop_open)
+ *   close(record, subject, outcome, exit_duration, task)   (_end_with_span, no error)
+ *       the four attributes written as _spans.set_attributes does; span.end(); the span's
+ *       parent made current again here when this task attached it and it is on top, else
+ *       detach_later(rt, record, task) (_proxies._detach)
+ */
+typedef struct {
+    PyObject_HEAD
+    PyObject *ctx, *obj, *prev, *probe, *span, *task, *token;
+    double enter_duration;
+} Block;
+
+static int
+block_traverse(Block *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->ctx);
+    Py_VISIT(self->obj);
+    Py_VISIT(self->prev);
+    Py_VISIT(self->probe);
+    Py_VISIT(self->span);
+    Py_VISIT(self->task);
+    Py_VISIT(self->token);
+    return 0;
+}
+
+static int
+block_clear(Block *self)
+{
+    Py_CLEAR(self->ctx);
+    Py_CLEAR(self->obj);
+    Py_CLEAR(self->prev);
+    Py_CLEAR(self->probe);
+    Py_CLEAR(self->span);
+    Py_CLEAR(self->task);
+    Py_CLEAR(self->token);
+    return 0;
+}
+
+static void
+block_dealloc(Block *self)
+{
+    PyObject_GC_UnTrack(self);
+    block_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyMemberDef block_members[] = {
+    {"ctx", T_OBJECT, offsetof(Block, ctx), 0, NULL},
+    {"obj", T_OBJECT, offsetof(Block, obj), 0, NULL},
+    {"prev", T_OBJECT, offsetof(Block, prev), 0, NULL},
+    {"probe", T_OBJECT, offsetof(Block, probe), 0, NULL},
+    {"span", T_OBJECT, offsetof(Block, span), 0, NULL},
+    {"task", T_OBJECT, offsetof(Block, task), 0, NULL},
+    {"token", T_OBJECT, offsetof(Block, token), 0, NULL},
+    {"enter_duration", T_DOUBLE, offsetof(Block, enter_duration), 0, NULL},
+    {NULL},
+};
+
+static PyTypeObject BlockType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "asyncdiag._speedups.Block",
+    .tp_doc = "An entered traced block (see _proxies._Open, its Python equivalent).",
+    .tp_basicsize = sizeof(Block),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_traverse = (traverseproc)block_traverse,
+    .tp_clear = (inquiry)block_clear,
+    .tp_dealloc = (destructor)block_dealloc,
+    .tp_members = block_members,
+};
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *rt;                  /* the _proxies.Runtime */
+    PyObject *running_loop;        /* () -> loop or None */
+    PyObject *task_of;             /* callable(loop) -> task, or a dict {loop: task} */
+    PyObject *current_context;     /* () -> Context */
+    PyObject *attach;              /* (ctx) -> token */
+    PyObject *detach;              /* (token) */
+    PyObject *start_span;          /* the tracer's bound start_span */
+    PyObject *set_span_in_context; /* (span, context) -> Context */
+    PyObject *set_attributes;      /* _spans.set_attributes(span, attributes) */
+    PyObject *direct_types;        /* _spans' dict: span type -> writable directly */
+    PyObject *opened;              /* rt.open: (id(obj), task) -> record */
+    PyObject *pending;             /* rt.pending_detach */
+    PyObject *unwind;              /* _proxies._unwind(rt, task) */
+    PyObject *pop_other;           /* _proxies._pop_open(rt, obj, task) */
+    PyObject *detach_later;        /* _proxies._detach(rt, record, task) */
+    PyObject *keys;                /* (subject, outcome, enter duration, exit duration) names */
+    PyObject *context_kwnames;     /* ("context",) */
+} BlockOps;
+
+static PyObject *str_end, *str_attributes_attr, *str_dict_attr, *str_maxlen, *str_max_value_len,
+    *str_end_time;
+
+static PyObject *
+current_task_of(BlockOps *self)
+{
+    PyObject *loop = PyObject_CallNoArgs(self->running_loop);
+    if (loop == NULL) {
+        return NULL;
+    }
+    if (loop == Py_None) {
+        return loop;
+    }
+    PyObject *task;
+    if (PyDict_CheckExact(self->task_of)) {
+        task = PyDict_GetItemWithError(self->task_of, loop);
+        Py_XINCREF(task);
+        if (task == NULL && !PyErr_Occurred()) {
+            task = Py_NewRef(Py_None);
+        }
+    }
+    else {
+        task = PyObject_CallOneArg(self->task_of, loop);
+    }
+    Py_DECREF(loop);
+    return task;
+}
+
+static PyObject *
+blockops_open(BlockOps *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "open(name, obj)");
+        return NULL;
+    }
+    PyObject *task = current_task_of(self);
+    if (task == NULL) {
+        return NULL;
+    }
+    if (task == Py_None) {
+        Py_DECREF(task);
+        Py_RETURN_NOTIMPLEMENTED; /* a coroutine driven by hand: the Python path's probe */
+    }
+    PyObject *current = NULL, *span = NULL, *ctx = NULL, *token = NULL;
+    if (PyDict_GET_SIZE(self->pending)) {
+        PyObject *done = PyObject_CallFunctionObjArgs(self->unwind, self->rt, task, NULL);
+        if (done == NULL) {
+            goto error;
+        }
+        Py_DECREF(done);
+    }
+    current = PyObject_CallNoArgs(self->current_context);
+    if (current == NULL) {
+        goto error;
+    }
+    PyObject *call_args[2] = {args[0], current};
+    span = PyObject_Vectorcall(self->start_span, call_args, 1, self->context_kwnames);
+    if (span == NULL) {
+        goto error;
+    }
+    if (span == Py_None) { /* the pre-check found the span would not be sampled */
+        Py_DECREF(task);
+        Py_DECREF(current);
+        return span;
+    }
+    ctx = PyObject_CallFunctionObjArgs(self->set_span_in_context, span, current, NULL);
+    if (ctx == NULL) {
+        goto error;
+    }
+    token = PyObject_CallOneArg(self->attach, ctx);
+    if (token == NULL) {
+        goto error;
+    }
+    Block *record = PyObject_GC_New(Block, &BlockType);
+    if (record == NULL) {
+        goto error;
+    }
+    record->ctx = ctx;
+    record->obj = Py_NewRef(args[1]);
+    record->prev = NULL;
+    record->probe = NULL;
+    record->span = span;
+    record->task = task;
+    record->token = token;
+    record->enter_duration = 0.0;
+    Py_DECREF(current);
+    PyObject_GC_Track(record);
+    return (PyObject *)record;
+
+error:
+    Py_DECREF(task);
+    Py_XDECREF(current);
+    Py_XDECREF(span);
+    Py_XDECREF(ctx);
+    Py_XDECREF(token);
+    return NULL;
+}
+
+static PyObject *
+blockops_pop(BlockOps *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "pop(obj, task)");
+        return NULL;
+    }
+    PyObject *obj = args[0], *task = args[1];
+    PyObject *id = PyLong_FromVoidPtr(obj);
+    if (id == NULL) {
+        return NULL;
+    }
+    PyObject *key = PyTuple_Pack(2, id, task);
+    Py_DECREF(id);
+    if (key == NULL) {
+        return NULL;
+    }
+    PyObject *record = PyDict_GetItemWithError(self->opened, key); /* borrowed */
+    if (record == NULL || Py_TYPE(record) != &BlockType || ((Block *)record)->obj != obj
+            || (((Block *)record)->prev != NULL && ((Block *)record)->prev != Py_None)) {
+        Py_DECREF(key);
+        if (PyErr_Occurred()) {
+            return NULL;
+        }
+        /* Not found under this task, re-entered, or not ours: the Python path decides. */
+        return PyObject_CallFunctionObjArgs(self->pop_other, self->rt, obj, task, NULL);
+    }
+    Py_INCREF(record);
+    int deleted = PyDict_DelItem(self->opened, key);
+    Py_DECREF(key);
+    if (deleted < 0) {
+        Py_DECREF(record);
+        return NULL;
+    }
+    return record;
+}
+
+/* _spans.set_attributes for the four attributes of a closing block. */
+static int
+write_attributes(BlockOps *self, PyObject *span, PyObject *values[4])
+{
+    PyObject *direct = PyDict_GetItemWithError(self->direct_types, (PyObject *)Py_TYPE(span));
+    if (direct == NULL && PyErr_Occurred()) {
+        return -1;
+    }
+    if (direct == Py_True) {
+        PyObject *end_time = PyObject_GetAttr(span, str_end_time);
+        PyObject *store = end_time == NULL ? NULL : PyObject_GetAttr(span, str_attributes_attr);
+        PyObject *dict = store == NULL ? NULL : PyObject_GetAttr(store, str_dict_attr);
+        PyObject *limit = dict == NULL ? NULL : PyObject_GetAttr(store, str_maxlen);
+        PyObject *value_limit = limit == NULL ? NULL : PyObject_GetAttr(store, str_max_value_len);
+        int ok = -1;
+        if (value_limit != NULL) {
+            ok = 0;
+            if (end_time == Py_None && value_limit == Py_None && PyDict_CheckExact(dict)) {
+                if (limit == Py_None) {
+                    ok = 1;
+                }
+                else {
+                    Py_ssize_t at = PyLong_AsSsize_t(limit);
+                    if (at == -1 && PyErr_Occurred()) {
+                        ok = -1;
+                    }
+                    else {
+                        ok = PyDict_GET_SIZE(dict) + 4 <= at;
+                    }
+                }
+            }
+            for (int i = 0; ok == 1 && i < 4; i++) {
+                if (PyDict_SetItem(dict, PyTuple_GET_ITEM(self->keys, i), values[i]) < 0) {
+                    ok = -1;
+                }
+            }
+        }
+        Py_XDECREF(end_time);
+        Py_XDECREF(store);
+        Py_XDECREF(dict);
+        Py_XDECREF(limit);
+        Py_XDECREF(value_limit);
+        if (ok != 0) {
+            return ok < 0 ? -1 : 0;
+        }
+    }
+    /* Not known yet, not writable directly, or limits in play: the Python function. */
+    PyObject *attributes = PyDict_New();
+    if (attributes == NULL) {
+        return -1;
+    }
+    for (int i = 0; i < 4; i++) {
+        if (PyDict_SetItem(attributes, PyTuple_GET_ITEM(self->keys, i), values[i]) < 0) {
+            Py_DECREF(attributes);
+            return -1;
+        }
+    }
+    PyObject *done = PyObject_CallFunctionObjArgs(self->set_attributes, span, attributes, NULL);
+    Py_DECREF(attributes);
+    if (done == NULL) {
+        return -1;
+    }
+    Py_DECREF(done);
+    return 0;
+}
+
+static PyObject *
+blockops_close(BlockOps *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 5 || Py_TYPE(args[0]) != &BlockType) {
+        PyErr_SetString(PyExc_TypeError,
+                        "close(record: Block, subject, outcome, exit_duration, task)");
+        return NULL;
+    }
+    Block *record = (Block *)args[0];
+    PyObject *task = args[4];
+    PyObject *span = record->span;
+    if (span == NULL) {
+        PyErr_SetString(PyExc_ValueError, "a block without a span");
+        return NULL;
+    }
+    Py_INCREF(span);
+    PyObject *enter = PyFloat_FromDouble(record->enter_duration);
+    if (enter == NULL) {
+        Py_DECREF(span);
+        return NULL;
+    }
+    PyObject *values[4] = {args[1], args[2], enter, args[3]};
+    int written = write_attributes(self, span, values);
+    Py_DECREF(enter);
+    PyObject *ended = written < 0 ? NULL : PyObject_CallMethodNoArgs(span, str_end);
+    Py_DECREF(span);
+    if (ended == NULL) {
+        return NULL;
+    }
+    Py_DECREF(ended);
+    if (record->task == task && task != Py_None && PyDict_GET_SIZE(self->pending) == 0) {
+        PyObject *current = PyObject_CallNoArgs(self->current_context);
+        if (current == NULL) {
+            return NULL;
+        }
+        Py_DECREF(current); /* only its identity is compared */
+        if (current == record->ctx && record->token != NULL) {
+            PyObject *done = PyObject_CallOneArg(self->detach, record->token);
+            if (done == NULL) {
+                return NULL;
+            }
+            Py_DECREF(done);
+            Py_RETURN_NONE;
+        }
+    }
+    return PyObject_CallFunctionObjArgs(self->detach_later, self->rt, (PyObject *)record, task,
+                                        NULL);
+}
+
+static PyObject *
+blockops_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    static char *kwlist[] = {"rt", "running_loop", "task_of", "current_context", "attach",
+                             "detach", "start_span", "set_span_in_context", "set_attributes",
+                             "direct_types", "opened", "pending", "unwind", "pop_other",
+                             "detach_later", "keys", NULL};
+    PyObject *v[16];
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOOOOOO!O!O!OOOO!:BlockOps", kwlist,
+                                     &v[0], &v[1], &v[2], &v[3], &v[4], &v[5], &v[6], &v[7],
+                                     &v[8], &PyDict_Type, &v[9], &PyDict_Type, &v[10],
+                                     &PyDict_Type, &v[11], &v[12], &v[13], &v[14],
+                                     &PyTuple_Type, &v[15])) {
+        return NULL;
+    }
+    if (PyTuple_GET_SIZE(v[15]) != 4) {
+        PyErr_SetString(PyExc_ValueError, "keys: the four attribute names");
+        return NULL;
+    }
+    BlockOps *self = (BlockOps *)type->tp_alloc(type, 0);
+    if (self == NULL) {
+        return NULL;
+    }
+    self->context_kwnames = Py_BuildValue("(s)", "context");
+    if (self->context_kwnames == NULL) {
+        Py_DECREF(self);
+        return NULL;
+    }
+    PyObject **fields[16] = {&self->rt, &self->running_loop, &self->task_of,
+                             &self->current_context, &self->attach, &self->detach,
+                             &self->start_span, &self->set_span_in_context,
+                             &self->set_attributes, &self->direct_types, &self->opened,
+                             &self->pending, &self->unwind, &self->pop_other,
+                             &self->detach_later, &self->keys};
+    for (int i = 0; i < 16; i++) {
+        *fields[i] = Py_NewRef(v[i]);
+    }
+    return (PyObject *)self;
+}
+
+static int
+blockops_traverse(BlockOps *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->rt);
+    Py_VISIT(self->running_loop);
+    Py_VISIT(self->task_of);
+    Py_VISIT(self->current_context);
+    Py_VISIT(self->attach);
+    Py_VISIT(self->detach);
+    Py_VISIT(self->start_span);
+    Py_VISIT(self->set_span_in_context);
+    Py_VISIT(self->set_attributes);
+    Py_VISIT(self->direct_types);
+    Py_VISIT(self->opened);
+    Py_VISIT(self->pending);
+    Py_VISIT(self->unwind);
+    Py_VISIT(self->pop_other);
+    Py_VISIT(self->detach_later);
+    Py_VISIT(self->keys);
+    Py_VISIT(self->context_kwnames);
+    return 0;
+}
+
+static int
+blockops_clear(BlockOps *self)
+{
+    Py_CLEAR(self->rt);
+    Py_CLEAR(self->running_loop);
+    Py_CLEAR(self->task_of);
+    Py_CLEAR(self->current_context);
+    Py_CLEAR(self->attach);
+    Py_CLEAR(self->detach);
+    Py_CLEAR(self->start_span);
+    Py_CLEAR(self->set_span_in_context);
+    Py_CLEAR(self->set_attributes);
+    Py_CLEAR(self->direct_types);
+    Py_CLEAR(self->opened);
+    Py_CLEAR(self->pending);
+    Py_CLEAR(self->unwind);
+    Py_CLEAR(self->pop_other);
+    Py_CLEAR(self->detach_later);
+    Py_CLEAR(self->keys);
+    Py_CLEAR(self->context_kwnames);
+    return 0;
+}
+
+static void
+blockops_dealloc(BlockOps *self)
+{
+    PyObject_GC_UnTrack(self);
+    blockops_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyMethodDef blockops_methods[] = {
+    {"open", (PyCFunction)(void (*)(void))blockops_open, METH_FASTCALL,
+     "open(name, obj) -> Block, or NotImplemented without a running task"},
+    {"pop", (PyCFunction)(void (*)(void))blockops_pop, METH_FASTCALL,
+     "pop(obj, task) -> the open record of obj, or None"},
+    {"close", (PyCFunction)(void (*)(void))blockops_close, METH_FASTCALL,
+     "close(record, subject, outcome, exit_duration, task): end the span, restore the context"},
+    {NULL},
+};
+
+static PyTypeObject BlockOpsType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "asyncdiag._speedups.BlockOps",
+    .tp_doc = "The common case of a traced async with (see _proxies._open_span, _pop_open and "
+              "_end_with_span, its Python equivalents).",
+    .tp_basicsize = sizeof(BlockOps),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_new = blockops_new,
+    .tp_traverse = (traverseproc)blockops_traverse,
+    .tp_clear = (inquiry)blockops_clear,
+    .tp_dealloc = (destructor)blockops_dealloc,
+    .tp_methods = blockops_methods,
+};
+
 static PyMethodDef speedups_functions[] = {
     {"record_since", (PyCFunction)(void (*)(void))record_since, METH_FASTCALL,
      "Append perf_counter() - t0 to a metrics series, folding it when full; "
@@ -569,11 +1044,18 @@ PyInit__speedups(void)
     INTERN(str_limit, "limit");
     INTERN(str_histogram, "histogram");
     INTERN(str_fold, "fold");
+    INTERN(str_end, "end");
+    INTERN(str_attributes_attr, "_attributes");
+    INTERN(str_dict_attr, "_dict");
+    INTERN(str_maxlen, "maxlen");
+    INTERN(str_max_value_len, "max_value_len");
+    INTERN(str_end_time, "_end_time");
 #if PY_VERSION_HEX < 0x030C0000
     INTERN(str_running_loop_key, "__asyncio_running_event_loop__");
 #endif
 #undef INTERN
-    if (PyType_Ready(&FirstIterHookType) < 0) {
+    if (PyType_Ready(&FirstIterHookType) < 0 || PyType_Ready(&BlockType) < 0
+            || PyType_Ready(&BlockOpsType) < 0) {
         return NULL;
     }
 #if PY_VERSION_HEX < 0x030C0000
@@ -590,6 +1072,18 @@ PyInit__speedups(void)
     Py_INCREF(&FirstIterHookType);
     if (PyModule_AddObject(module, "FirstIterHook", (PyObject *)&FirstIterHookType) < 0) {
         Py_DECREF(&FirstIterHookType);
+        Py_DECREF(module);
+        return NULL;
+    }
+    Py_INCREF(&BlockType);
+    if (PyModule_AddObject(module, "Block", (PyObject *)&BlockType) < 0) {
+        Py_DECREF(&BlockType);
+        Py_DECREF(module);
+        return NULL;
+    }
+    Py_INCREF(&BlockOpsType);
+    if (PyModule_AddObject(module, "BlockOps", (PyObject *)&BlockOpsType) < 0) {
+        Py_DECREF(&BlockOpsType);
         Py_DECREF(module);
         return NULL;
     }

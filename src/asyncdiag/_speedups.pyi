@@ -24,3 +24,43 @@ def running_loop() -> Any:
 
 def record_since(series: list[float], t0: float, /) -> float:
     """Append ``perf_counter() - t0`` to a metrics series, folding it when full."""
+
+class Block:
+    """An entered traced block (the fields of ``_proxies._Open``)."""
+
+    ctx: Any
+    obj: Any
+    prev: Any
+    probe: Any
+    span: Any
+    task: Any
+    token: Any
+    enter_duration: float
+
+class BlockOps:
+    """The common case of a traced ``async with`` (see ``_proxies._open_span``)."""
+
+    def __init__(
+        self,
+        *,
+        rt: Any,
+        running_loop: Callable[[], Any],
+        task_of: Callable[[Any], Any] | dict[Any, Any],
+        current_context: Callable[[], Any],
+        attach: Callable[[Any], Any],
+        detach: Callable[[Any], Any],
+        start_span: Callable[..., Any],
+        set_span_in_context: Callable[[Any, Any], Any],
+        set_attributes: Callable[[Any, Any], None],
+        direct_types: dict[type, bool],
+        opened: dict[Any, Any],
+        pending: dict[int, Any],
+        unwind: Callable[[Any, Any], None],
+        pop_other: Callable[[Any, Any, Any], Any],
+        detach_later: Callable[[Any, Any, Any], None],
+        keys: tuple[str, str, str, str],
+    ) -> None: ...
+    def open(self, name: str, obj: Any, /) -> Block | None: ...
+    def pop(self, obj: Any, task: Any, /) -> Any: ...
+    def close(self, record: Block, subject: str, outcome: str, exit_duration: float,
+              task: Any, /) -> None: ...
