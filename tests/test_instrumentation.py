@@ -122,15 +122,19 @@ def otel_for(sampled: bool = True) -> Iterator[Otel]:
         o.shutdown()
 
 
-@pytest.fixture(autouse=True, params=["c-blocks", "python-blocks"])
-def traced_blocks(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Every test twice: with traced blocks opened and closed by the C extension
-    (``_speedups.BlockOps``) and by the Python reference (``_proxies._open_span``...)."""
-    if request.param == "python-blocks":
+@pytest.fixture(autouse=True, params=["c-hot-paths", "python-hot-paths"])
+def hot_paths(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test twice: with the C extension's hot paths (traced blocks opened and closed by
+    ``_speedups.BlockOps``; on 3.12+ generator requests counted by ``CountedBase``) and with
+    their Python references (``_proxies._open_span``..., ``_CountedRequests``)."""
+    if request.param == "python-hot-paths":
         monkeypatch.setattr(_proxies, "_BlockOps", None)
+        monkeypatch.setattr(_proxies, "_COUNTED", _proxies._CountedPython)
     else:
-        pytest.importorskip("asyncdiag._speedups")
-        assert _proxies._BlockOps is not None
+        speedups = pytest.importorskip("asyncdiag._speedups")
+        assert _proxies._BlockOps is speedups.BlockOps
+        assert _proxies._COUNTED is _proxies._Counted
+        assert _proxies._CountedBase is speedups.CountedBase
     return str(request.param)
 
 
@@ -647,7 +651,7 @@ class Timed:
 
 def test_traced_blocks_use_the_implementation_chosen(
     loop_factory: Callable[[], asyncio.AbstractEventLoop], modules: Modules, otel: Otel,
-    traced_blocks: str,
+    hot_paths: str,
 ) -> None:
     name = modules.write(TIMED)
     otel.install(f"{name}:Timed")
@@ -661,8 +665,39 @@ def test_traced_blocks_use_the_implementation_chosen(
             seen.extend(type(record).__name__ for record in rt.open.values())
 
     run_on(loop_factory, main())
-    assert seen == (["Block"] if traced_blocks == "c-blocks" else ["_Open"])
+    assert seen == (["Block"] if hot_paths == "c-hot-paths" else ["_Open"])
     assert len(otel.finished("async with")) == 1
+
+
+COUNTED = '''
+async def numbers(n):
+    for i in range(n):
+        yield i
+'''
+
+
+@pytest.mark.skipif(not _proxies._COUNT_BY_CALL, reason="requests are counted by call on 3.12+")
+def test_generator_requests_are_counted_by_the_implementation_chosen(
+    loop_factory: Callable[[], asyncio.AbstractEventLoop], modules: Modules, hot_paths: str,
+) -> None:
+    with otel_for(sampled=False) as otel:
+        name = modules.write(COUNTED)
+        otel.install(f"{name}:numbers")
+        mod = importlib.import_module(name)
+        kinds: list[str] = []
+
+        async def main() -> list[int]:
+            gen = mod.numbers(100)
+            kinds.append(type(aiter(gen)).__name__)
+            return [i async for i in gen]
+
+        assert run_on(loop_factory, main()) == list(range(100))
+        assert kinds == (["_Counted"] if hot_paths == "c-hot-paths" else ["_CountedPython"])
+        gc.collect()
+        (point,) = otel.points(_names.ITERATOR_NEXT_DURATION.name)
+        assert point.count == 4  # requests 1, 33, 65 and 97
+        (yields,) = otel.points(_names.ITERATOR_YIELDS.name)
+        assert yields.value == 100
 
 
 @pytest.mark.parametrize("sampled", [False, True])

@@ -210,7 +210,8 @@ def module_pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any,
         sys.modules.pop("adx_prop_instr", None)
 
 
-@pytest.mark.parametrize("mode", ["traced", "traced-python-blocks", "metrics-only"])
+@pytest.mark.parametrize(
+    "mode", ["traced", "traced-python", "metrics-only", "metrics-only-python"])
 @settings(max_examples=60, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(plan=plans)
@@ -218,14 +219,16 @@ def test_instrumented_runs_are_indistinguishable(
     loop_factory: Callable[[], asyncio.AbstractEventLoop], monkeypatch: pytest.MonkeyPatch,
     module_pair: tuple[Any, str], mode: str, plan: dict[str, Any],
 ) -> None:
-    """``traced`` opens and closes spans with the C extension's ``BlockOps`` where it is
-    built; ``traced-python-blocks`` with the Python reference."""
+    """Without ``-python``, the C extension's hot paths where it is built (``BlockOps`` for
+    traced blocks, ``CountedBase`` for generator requests on 3.12+); with it, their Python
+    references."""
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 
-    sampled = mode != "metrics-only"
-    if mode == "traced-python-blocks":
+    sampled = mode.startswith("traced")
+    if mode.endswith("-python"):
         monkeypatch.setattr(_proxies, "_BlockOps", None)
+        monkeypatch.setattr(_proxies, "_COUNTED", _proxies._CountedPython)
     plain, instr_name = module_pair
     provider = TracerProvider(sampler=None if sampled else ALWAYS_OFF)
     _telemetry.use_providers(tracer_provider=provider)

@@ -27,7 +27,7 @@ import weakref
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from time import perf_counter
 from types import CodeType, FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import wrapt
 from opentelemetry import trace
@@ -901,38 +901,17 @@ _OBSERVE_CODE = _observe.__code__
 _COUNT_BY_CALL = sys.version_info >= (3, 12)
 
 
-class _Counted:
-    """What ``async for`` drives over an instrumented generator when it only measures (3.12+):
-    the generator's own ``__anext__()`` awaitables, handed out as they are, counted; the first
-    request and then one in ``TIMING_STRIDE`` go through ``_timed_request``. With no frame of
-    ours between the consumer and the generator, values, exceptions and tracebacks are the
-    generator's own.
+class _CountedRequests:
+    """The per-item part of ``_Counted``, in Python: the reference for the C extension's
+    ``CountedBase``, which does this as the type's ``__anext__`` slot, without a frame, and
+    the base of ``_Counted`` where the extension is not built."""
 
-    Items are requests that did not end the generator: when this object is released (the
-    ``async for`` is over and the generator proxy dropped) the last request is not counted if
-    the generator finished without ``aclose()``/``athrow()`` (it raised StopAsyncIteration or
-    an error).
-    """
+    __slots__ = ("agen", "left")
 
-    __slots__ = ("agen", "closed", "counted", "left", "reported", "rt", "series",
-                 "site", "where", "window")
+    agen: Any
+    left: int
 
-    def __init__(self, agen: Any, site: Site, rt: Runtime) -> None:
-        self.agen = agen
-        self.site = site
-        self.rt = rt
-        self.series = site.next
-        # Requests so far = counted + (window - left); ``left`` counts down to the next timed
-        # request; -1 (never reaches 0): no longer measuring.
-        self.counted = 0
-        self.window = self.left = 1
-        self.reported = 0
-        # Ended by aclose() or athrow() (or settled), not by a request that then yielded
-        # nothing.
-        self.closed = False
-        self.where: tuple[CodeType, int] | None = None  # the consumer's line, at the first
-
-    def __aiter__(self) -> _Counted:
+    def __aiter__(self) -> Any:
         return self
 
     def __anext__(self) -> Any:
@@ -949,6 +928,63 @@ class _Counted:
         if left:
             return self.agen.asend(value)
         return self._timed(self.agen.asend(value))
+
+    def _timed(self, awaitable: Any) -> Any:
+        raise NotImplementedError  # _CountedState's
+
+
+_CountedBase: Any = _CountedRequests
+try:
+    from ._speedups import CountedBase as _CCountedBase
+except ImportError:  # built without a C compiler
+    pass
+else:
+    _CountedBase = _CCountedBase
+
+
+class _CountedState:
+    """What ``async for`` drives over an instrumented generator when it only measures (3.12+):
+    the generator's own ``__anext__()`` awaitables, handed out as they are, counted; the first
+    request and then one in ``TIMING_STRIDE`` go through ``_timed_request``. With no frame of
+    ours between the consumer and the generator, values, exceptions and tracebacks are the
+    generator's own.
+
+    Items are requests that did not end the generator: when this object is released (the
+    ``async for`` is over and the generator proxy dropped) the last request is not counted if
+    the generator finished without ``aclose()``/``athrow()`` (it raised StopAsyncIteration or
+    an error).
+    """
+
+    if not TYPE_CHECKING:
+        # The concrete classes below hold the slots, next to their base's two (mypy would
+        # check assignments against an empty tuple here).
+        __slots__ = ()
+
+    agen: Any
+    left: int
+    closed: bool
+    counted: int
+    reported: int
+    rt: Runtime
+    series: Any
+    site: Site
+    where: tuple[CodeType, int] | None
+    window: int
+
+    def __init__(self, agen: Any, site: Site, rt: Runtime) -> None:
+        self.agen = agen
+        self.site = site
+        self.rt = rt
+        self.series = site.next
+        # Requests so far = counted + (window - left); ``left`` counts down to the next timed
+        # request; -1 (never reaches 0): no longer measuring.
+        self.counted = 0
+        self.window = self.left = 1
+        self.reported = 0
+        # Ended by aclose() or athrow() (or settled), not by a request that then yielded
+        # nothing.
+        self.closed = False
+        self.where: tuple[CodeType, int] | None = None  # the consumer's line, at the first
 
     def athrow(self, *args: Any) -> Any:
         return _counted_throw(self, self.agen.athrow(*args))
@@ -1005,7 +1041,27 @@ class _Counted:
         return repr(self.agen)
 
 
-async def _timed_request(counted: _Counted, awaitable: Any) -> Any:
+_COUNTED_SLOTS = ("closed", "counted", "reported", "rt", "series", "site", "where", "window")
+
+
+class _Counted(_CountedState, _CountedBase):  # type: ignore[misc]
+    """``_CountedState`` over the C ``CountedBase`` where the extension is built."""
+
+    __slots__ = _COUNTED_SLOTS
+
+
+class _CountedPython(_CountedState, _CountedRequests):
+    """``_CountedState`` over the Python ``_CountedRequests`` (the same as ``_Counted``
+    without the extension; tests compare the two)."""
+
+    __slots__ = _COUNTED_SLOTS
+
+
+# What AsyncGenProxy makes (tests switch it to _CountedPython).
+_COUNTED: type[_CountedState] = _Counted
+
+
+async def _timed_request(counted: _CountedState, awaitable: Any) -> Any:
     task, cancelling = _cancelling()
     t0 = perf_counter()
     try:
@@ -1030,7 +1086,7 @@ async def _timed_request(counted: _Counted, awaitable: Any) -> Any:
 _TIMED_REQUEST_CODE = _timed_request.__code__
 
 
-async def _counted_throw(counted: _Counted, awaitable: Any) -> Any:
+async def _counted_throw(counted: _CountedState, awaitable: Any) -> Any:
     try:
         item = await awaitable
     except BaseException as exc:
@@ -1044,7 +1100,7 @@ async def _counted_throw(counted: _Counted, awaitable: Any) -> Any:
 _COUNTED_THROW_CODE = _counted_throw.__code__
 
 
-async def _timed_close(counted: _Counted, awaitable: Any) -> Any:
+async def _timed_close(counted: _CountedState, awaitable: Any) -> Any:
     closing = perf_counter()
     try:
         return await awaitable
@@ -1079,7 +1135,7 @@ class AsyncGenProxy(_ObjectProxy):  # type: ignore[misc]
         if _COUNT_BY_CALL and rt is not None and (
             site.fast if site.runtime is rt else rt.bind(site).fast
         ) is rt:
-            self._self_iter = _Counted(wrapped, site, rt)
+            self._self_iter: Any = _COUNTED(wrapped, site, rt)
             return
         delegate: Any = _observe(wrapped, site, self._self_state)
         # What a repr, the orphaned-generator finding or a debugger shows for the generator
@@ -1093,7 +1149,7 @@ class AsyncGenProxy(_ObjectProxy):  # type: ignore[misc]
 
     def __aiter__(self) -> Any:
         it = self._self_iter
-        if type(it) is _Counted and it.window > 0 and it.agen.ag_frame is None:
+        if isinstance(it, _CountedState) and it.window > 0 and it.agen.ag_frame is None:
             it.settle()  # iterated again once finished: the requests from now on yield nothing
         return it
 

@@ -1011,6 +1011,132 @@ static PyTypeObject BlockOpsType = {
     .tp_methods = blockops_methods,
 };
 
+
+/* ---- Counted generator requests (3.12+) -----------------------------------------------------
+ *
+ * CountedBase: the per-item part of _proxies._Counted, what `async for` drives over an
+ * instrumented async generator when only metrics are recorded. As a Python method this was
+ * one call per item, about as much as the item itself on 3.13; as the type's am_anext slot
+ * the interpreter calls it without a frame. The reference is _proxies._CountedRequests:
+ *
+ *     def __anext__(self):
+ *         left = self.left - 1
+ *         self.left = left
+ *         if left:
+ *             return anext(self.agen)
+ *         return self._timed(anext(self.agen))
+ *
+ * and asend(value) likewise with self.agen.asend(value). */
+typedef struct {
+    PyObject_HEAD
+    PyObject *agen;
+    Py_ssize_t left; /* counts down to the next timed request; negative: not measuring */
+} CountedBase;
+
+static PyObject *str_timed, *str_asend;
+
+static PyObject *
+counted_anext(CountedBase *self)
+{
+    PyObject *agen = self->agen;
+    if (agen == NULL) {
+        PyErr_SetString(PyExc_ValueError, "no generator to count");
+        return NULL;
+    }
+    PyAsyncMethods *async = Py_TYPE(agen)->tp_as_async;
+    if (async == NULL || async->am_anext == NULL) {
+        PyErr_Format(PyExc_TypeError, "'%.200s' object is not an async iterator",
+                     Py_TYPE(agen)->tp_name);
+        return NULL;
+    }
+    Py_ssize_t left = --self->left;
+    PyObject *awaitable = async->am_anext(agen);
+    if (left || awaitable == NULL) {
+        return awaitable;
+    }
+    PyObject *timed = PyObject_CallMethodOneArg((PyObject *)self, str_timed, awaitable);
+    Py_DECREF(awaitable);
+    return timed;
+}
+
+static PyObject *
+counted_asend(CountedBase *self, PyObject *value)
+{
+    if (self->agen == NULL) {
+        PyErr_SetString(PyExc_ValueError, "no generator to count");
+        return NULL;
+    }
+    Py_ssize_t left = --self->left;
+    PyObject *awaitable = PyObject_CallMethodOneArg(self->agen, str_asend, value);
+    if (left || awaitable == NULL) {
+        return awaitable;
+    }
+    PyObject *timed = PyObject_CallMethodOneArg((PyObject *)self, str_timed, awaitable);
+    Py_DECREF(awaitable);
+    return timed;
+}
+
+static PyObject *
+counted_aiter(PyObject *self)
+{
+    return Py_NewRef(self);
+}
+
+static int
+counted_traverse(CountedBase *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->agen);
+    return 0;
+}
+
+static int
+counted_clear(CountedBase *self)
+{
+    Py_CLEAR(self->agen);
+    return 0;
+}
+
+static void
+counted_dealloc(CountedBase *self)
+{
+    PyObject_GC_UnTrack(self);
+    counted_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyAsyncMethods counted_async = {
+    .am_aiter = counted_aiter,
+    .am_anext = (unaryfunc)counted_anext,
+};
+
+static PyMethodDef counted_methods[] = {
+    {"asend", (PyCFunction)counted_asend, METH_O,
+     "asend(value): the generator's own asend awaitable, counted"},
+    {NULL},
+};
+
+static PyMemberDef counted_members[] = {
+    {"agen", T_OBJECT, offsetof(CountedBase, agen), 0, NULL},
+    {"left", T_PYSSIZET, offsetof(CountedBase, left), 0, NULL},
+    {NULL},
+};
+
+static PyTypeObject CountedBaseType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "asyncdiag._speedups.CountedBase",
+    .tp_doc = "The per-item part of _proxies._Counted (see _CountedRequests, its Python "
+              "equivalent).",
+    .tp_basicsize = sizeof(CountedBase),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .tp_new = PyType_GenericNew,
+    .tp_traverse = (traverseproc)counted_traverse,
+    .tp_clear = (inquiry)counted_clear,
+    .tp_dealloc = (destructor)counted_dealloc,
+    .tp_as_async = &counted_async,
+    .tp_methods = counted_methods,
+    .tp_members = counted_members,
+};
+
 static PyMethodDef speedups_functions[] = {
     {"record_since", (PyCFunction)(void (*)(void))record_since, METH_FASTCALL,
      "Append perf_counter() - t0 to a metrics series, folding it when full; "
@@ -1045,6 +1171,8 @@ PyInit__speedups(void)
     INTERN(str_histogram, "histogram");
     INTERN(str_fold, "fold");
     INTERN(str_end, "end");
+    INTERN(str_timed, "_timed");
+    INTERN(str_asend, "asend");
     INTERN(str_attributes_attr, "_attributes");
     INTERN(str_dict_attr, "_dict");
     INTERN(str_maxlen, "maxlen");
@@ -1055,7 +1183,7 @@ PyInit__speedups(void)
 #endif
 #undef INTERN
     if (PyType_Ready(&FirstIterHookType) < 0 || PyType_Ready(&BlockType) < 0
-            || PyType_Ready(&BlockOpsType) < 0) {
+            || PyType_Ready(&BlockOpsType) < 0 || PyType_Ready(&CountedBaseType) < 0) {
         return NULL;
     }
 #if PY_VERSION_HEX < 0x030C0000
@@ -1084,6 +1212,12 @@ PyInit__speedups(void)
     Py_INCREF(&BlockOpsType);
     if (PyModule_AddObject(module, "BlockOps", (PyObject *)&BlockOpsType) < 0) {
         Py_DECREF(&BlockOpsType);
+        Py_DECREF(module);
+        return NULL;
+    }
+    Py_INCREF(&CountedBaseType);
+    if (PyModule_AddObject(module, "CountedBase", (PyObject *)&CountedBaseType) < 0) {
+        Py_DECREF(&CountedBaseType);
         Py_DECREF(module);
         return NULL;
     }
