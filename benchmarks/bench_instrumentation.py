@@ -1,6 +1,7 @@
 """Cost of instrumenting an ``async with`` and an async generator item, in microseconds.
 
     python benchmarks/bench_instrumentation.py [--rounds 9] [--loop asyncio|uvloop]
+                                               [--python-hot-paths]
 
 Each round measures, on a fresh loop and in this one process (so the ratios share the
 machine's noise):
@@ -248,6 +249,17 @@ def one_round(loop_factory: Callable[[], asyncio.AbstractEventLoop], index: int 
     return r
 
 
+def use_python_hot_paths() -> None:
+    import asyncio.events
+
+    from asyncdiag import _proxies, _telemetry
+
+    _proxies._BlockOps = None
+    _proxies._COUNTED = _proxies._CountedPython
+    _proxies._record_since = _telemetry._record_since_python
+    _proxies._get_running_loop = asyncio.events._get_running_loop
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=9)
@@ -255,7 +267,12 @@ def main() -> None:
     parser.add_argument("--json", default="")
     parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
                         help="cpu: the loop thread's CPU time (default); wall: perf_counter")
+    parser.add_argument("--python-hot-paths", action="store_true",
+                        help="the Python versions of the C extension's hot paths, as an install "
+                             "without a C compiler runs")
     args = parser.parse_args()
+    if args.python_hot_paths:
+        use_python_hot_paths()
     global CLOCK
     CLOCK = time.thread_time if args.clock == "cpu" else time.perf_counter
     if args.loop == "uvloop":
@@ -275,6 +292,7 @@ def main() -> None:
         "loop": args.loop,
         "rounds": args.rounds,
         "clock": args.clock,
+        "hot_paths": "python" if args.python_hot_paths else "c (where built)",
         "plain_async_with_us": median(lambda r: r["plain_with"]),
         "plain_item_us": median(lambda r: r["plain_item"]),
         "metrics_added_per_async_with_us": median(lambda r: r["metrics_with"] - r["plain_with"]),

@@ -1,5 +1,11 @@
-/* asyncdiag's hot paths in C: the asyncgen tracker's first-iteration hook (FirstIterHook) and,
- * on 3.10/3.11, the running-loop lookup (running_loop, further down).
+/* asyncdiag's hot paths in C, each with a Python reference that is also its fallback when the
+ * extension is not built (tests run both):
+ *
+ *   FirstIterHook   the asyncgen tracker's first-iteration hook   (_asyncgens, this part below)
+ *   running_loop    3.10/3.11 running-loop lookup without getpid() (_loops)
+ *   record_since    one awaited duration into a metrics series     (_telemetry)
+ *   BlockOps, Block a traced async with's bookkeeping              (_proxies._open_span...)
+ *   CountedBase     3.12+ counted generator requests               (_proxies._CountedRequests)
  *
  * CPython calls the thread's firstiter hook once for every async generator of the program.
  * The Python version of this hook (``_asyncgens._Chain.make_firstiter``) is the reference and
