@@ -564,45 +564,41 @@ record_since(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
  *       parent made current again here when this task attached it and it is on top, else
  *       detach_later(rt, record, task) (_proxies._detach)
  */
+/* The object fields of the two types below, listed once: X(name) for each. */
+#define BLOCK_FIELDS(X) X(ctx) X(obj) X(prev) X(probe) X(span) X(task) X(token)
+#define BLOCKOPS_FIELDS(X) X(rt) X(running_loop) X(task_of) X(current_context) X(attach) \
+    X(detach) X(start_span) X(set_span_in_context) X(set_attributes) X(direct_types) \
+    X(opened) X(pending) X(unwind) X(pop_other) X(detach_later) X(keys) X(context_kwnames)
+#define DECLARE_FIELD(name) PyObject *name;
+#define VISIT_FIELD(name) Py_VISIT(self->name);
+#define CLEAR_FIELD(name) Py_CLEAR(self->name);
+
+/* tp_traverse, tp_clear and tp_dealloc of a GC type whose object fields are FIELDS. */
+#define GC_FUNCTIONS(prefix, Type, FIELDS)                                  \
+    static int prefix##_traverse(Type *self, visitproc visit, void *arg)   \
+    {                                                                       \
+        FIELDS(VISIT_FIELD)                                                 \
+        return 0;                                                           \
+    }                                                                       \
+    static int prefix##_clear(Type *self)                                   \
+    {                                                                       \
+        FIELDS(CLEAR_FIELD)                                                 \
+        return 0;                                                           \
+    }                                                                       \
+    static void prefix##_dealloc(Type *self)                                \
+    {                                                                       \
+        PyObject_GC_UnTrack(self);                                          \
+        prefix##_clear(self);                                               \
+        Py_TYPE(self)->tp_free((PyObject *)self);                           \
+    }
+
 typedef struct {
     PyObject_HEAD
-    PyObject *ctx, *obj, *prev, *probe, *span, *task, *token;
+    BLOCK_FIELDS(DECLARE_FIELD)
     double enter_duration;
 } Block;
 
-static int
-block_traverse(Block *self, visitproc visit, void *arg)
-{
-    Py_VISIT(self->ctx);
-    Py_VISIT(self->obj);
-    Py_VISIT(self->prev);
-    Py_VISIT(self->probe);
-    Py_VISIT(self->span);
-    Py_VISIT(self->task);
-    Py_VISIT(self->token);
-    return 0;
-}
-
-static int
-block_clear(Block *self)
-{
-    Py_CLEAR(self->ctx);
-    Py_CLEAR(self->obj);
-    Py_CLEAR(self->prev);
-    Py_CLEAR(self->probe);
-    Py_CLEAR(self->span);
-    Py_CLEAR(self->task);
-    Py_CLEAR(self->token);
-    return 0;
-}
-
-static void
-block_dealloc(Block *self)
-{
-    PyObject_GC_UnTrack(self);
-    block_clear(self);
-    Py_TYPE(self)->tp_free((PyObject *)self);
-}
+GC_FUNCTIONS(block, Block, BLOCK_FIELDS)
 
 static PyMemberDef block_members[] = {
     {"ctx", T_OBJECT, offsetof(Block, ctx), 0, NULL},
@@ -628,26 +624,25 @@ static PyTypeObject BlockType = {
     .tp_members = block_members,
 };
 
+/* What the common case of a traced block needs, fixed for one Runtime:
+ *   rt                  the _proxies.Runtime
+ *   running_loop        () -> loop or None
+ *   task_of             callable(loop) -> task, or a dict {loop: task}
+ *   current_context, attach, detach   OpenTelemetry's current Context (_spans.context_access)
+ *   start_span          the tracer's bound start_span, or Runtime.start_span
+ *   set_span_in_context (span, context) -> Context
+ *   set_attributes      _spans.set_attributes(span, attributes)
+ *   direct_types        _spans.DIRECT_TYPES: span type -> writable directly
+ *   opened, pending     rt.open ((id(obj), task) -> record) and rt.pending_detach
+ *   unwind, pop_other, detach_later   _proxies._unwind, _pop_open, _detach
+ *   keys                the four attribute names (subject, outcome, enter and exit duration)
+ *   context_kwnames     ("context",) */
 typedef struct {
     PyObject_HEAD
-    PyObject *rt;                  /* the _proxies.Runtime */
-    PyObject *running_loop;        /* () -> loop or None */
-    PyObject *task_of;             /* callable(loop) -> task, or a dict {loop: task} */
-    PyObject *current_context;     /* () -> Context */
-    PyObject *attach;              /* (ctx) -> token */
-    PyObject *detach;              /* (token) */
-    PyObject *start_span;          /* the tracer's bound start_span */
-    PyObject *set_span_in_context; /* (span, context) -> Context */
-    PyObject *set_attributes;      /* _spans.set_attributes(span, attributes) */
-    PyObject *direct_types;        /* _spans' dict: span type -> writable directly */
-    PyObject *opened;              /* rt.open: (id(obj), task) -> record */
-    PyObject *pending;             /* rt.pending_detach */
-    PyObject *unwind;              /* _proxies._unwind(rt, task) */
-    PyObject *pop_other;           /* _proxies._pop_open(rt, obj, task) */
-    PyObject *detach_later;        /* _proxies._detach(rt, record, task) */
-    PyObject *keys;                /* (subject, outcome, enter duration, exit duration) names */
-    PyObject *context_kwnames;     /* ("context",) */
+    BLOCKOPS_FIELDS(DECLARE_FIELD)
 } BlockOps;
+
+GC_FUNCTIONS(blockops, BlockOps, BLOCKOPS_FIELDS)
 
 static PyObject *str_end, *str_attributes_attr, *str_dict_attr, *str_maxlen, *str_max_value_len,
     *str_end_time;
@@ -937,60 +932,6 @@ blockops_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
         *fields[i] = Py_NewRef(v[i]);
     }
     return (PyObject *)self;
-}
-
-static int
-blockops_traverse(BlockOps *self, visitproc visit, void *arg)
-{
-    Py_VISIT(self->rt);
-    Py_VISIT(self->running_loop);
-    Py_VISIT(self->task_of);
-    Py_VISIT(self->current_context);
-    Py_VISIT(self->attach);
-    Py_VISIT(self->detach);
-    Py_VISIT(self->start_span);
-    Py_VISIT(self->set_span_in_context);
-    Py_VISIT(self->set_attributes);
-    Py_VISIT(self->direct_types);
-    Py_VISIT(self->opened);
-    Py_VISIT(self->pending);
-    Py_VISIT(self->unwind);
-    Py_VISIT(self->pop_other);
-    Py_VISIT(self->detach_later);
-    Py_VISIT(self->keys);
-    Py_VISIT(self->context_kwnames);
-    return 0;
-}
-
-static int
-blockops_clear(BlockOps *self)
-{
-    Py_CLEAR(self->rt);
-    Py_CLEAR(self->running_loop);
-    Py_CLEAR(self->task_of);
-    Py_CLEAR(self->current_context);
-    Py_CLEAR(self->attach);
-    Py_CLEAR(self->detach);
-    Py_CLEAR(self->start_span);
-    Py_CLEAR(self->set_span_in_context);
-    Py_CLEAR(self->set_attributes);
-    Py_CLEAR(self->direct_types);
-    Py_CLEAR(self->opened);
-    Py_CLEAR(self->pending);
-    Py_CLEAR(self->unwind);
-    Py_CLEAR(self->pop_other);
-    Py_CLEAR(self->detach_later);
-    Py_CLEAR(self->keys);
-    Py_CLEAR(self->context_kwnames);
-    return 0;
-}
-
-static void
-blockops_dealloc(BlockOps *self)
-{
-    PyObject_GC_UnTrack(self);
-    blockops_clear(self);
-    Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
 static PyMethodDef blockops_methods[] = {
