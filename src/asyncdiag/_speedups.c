@@ -34,7 +34,12 @@
 #include <Python.h>
 #include <frameobject.h>
 #include <structmember.h>
-#if PY_VERSION_HEX < 0x030C0000
+/* running_loop() below: 3.10/3.11, where asyncio checks the pid (not on Windows, which has no
+ * fork and whose holder has no pid). */
+#if PY_VERSION_HEX < 0x030C0000 && !defined(MS_WINDOWS)
+#define ASYNCDIAG_RUNNING_LOOP 1
+#endif
+#ifdef ASYNCDIAG_RUNNING_LOOP
 #include <pthread.h>
 #include <string.h>
 #include <unistd.h>
@@ -419,7 +424,7 @@ static PyTypeObject FirstIterHookType = {
     .tp_members = hook_members,
 };
 
-#if PY_VERSION_HEX < 0x030C0000
+#ifdef ASYNCDIAG_RUNNING_LOOP
 /* running_loop(): asyncio's _get_running_loop() without its getpid() system call (3.10/3.11).
  *
  * Up to 3.11, asyncio's C accelerator keeps the running loop in a holder object stored in the
@@ -1088,7 +1093,7 @@ static PyMethodDef speedups_functions[] = {
     {"record_since", (PyCFunction)(void (*)(void))record_since, METH_FASTCALL,
      "Append perf_counter() - t0 to a metrics series, folding it when full; "
      "return the duration."},
-#if PY_VERSION_HEX < 0x030C0000
+#ifdef ASYNCDIAG_RUNNING_LOOP
     {"running_loop", running_loop, METH_NOARGS,
      "asyncio's _get_running_loop() without a getpid() system call (3.10/3.11)."},
 #endif
@@ -1125,7 +1130,7 @@ PyInit__speedups(void)
     INTERN(str_maxlen, "maxlen");
     INTERN(str_max_value_len, "max_value_len");
     INTERN(str_end_time, "_end_time");
-#if PY_VERSION_HEX < 0x030C0000
+#ifdef ASYNCDIAG_RUNNING_LOOP
     INTERN(str_running_loop_key, "__asyncio_running_event_loop__");
 #endif
 #undef INTERN
@@ -1133,7 +1138,7 @@ PyInit__speedups(void)
             || PyType_Ready(&BlockOpsType) < 0 || PyType_Ready(&CountedBaseType) < 0) {
         return NULL;
     }
-#if PY_VERSION_HEX < 0x030C0000
+#ifdef ASYNCDIAG_RUNNING_LOOP
     refresh_pid();
     if (pthread_atfork(NULL, NULL, refresh_pid) != 0) {
         PyErr_SetString(PyExc_OSError, "pthread_atfork failed");

@@ -20,7 +20,7 @@ class FirstIterHook:
     def __call__(self, agen: Any, /) -> None: ...
 
 def running_loop() -> Any:
-    """asyncio's ``_get_running_loop()`` without a ``getpid()`` call (built on 3.10/3.11 only)."""
+    """asyncio's ``_get_running_loop()`` without ``getpid()`` (3.10/3.11, not Windows)."""
 
 def record_since(series: list[float], t0: float, /) -> float:
     """Append ``perf_counter() - t0`` to a metrics series, folding it when full."""
