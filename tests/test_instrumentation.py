@@ -479,6 +479,56 @@ def test_cancellation_caught_inside_aexit_is_found(
     assert kinds() == [_names.SWALLOWED_CANCELLATION]
 
 
+@pytest.mark.skipif(not PY311, reason="needs Task.cancelling() (3.11+)")
+@pytest.mark.parametrize("sampled", [False, True])
+def test_cancellation_caught_inside_aexit_is_found_with_or_without_spans(
+    loop_factory: Callable[[], asyncio.AbstractEventLoop], modules: Modules, sampled: bool,
+    hot_paths: str,
+) -> None:
+    """Metrics only, the exit goes through the wrappers' common path; traced, through the
+    general one. Both find the cancellation kept inside __aexit__, and neither reports an exit
+    that was cancelled and let the cancellation out, or one that never suspended."""
+    with otel_for(sampled=sampled) as otel:
+        name = modules.write(MISTAKES + '''
+class ReleasesAtOnce:
+    async def __aenter__(self):
+        return self
+    async def __aexit__(self, exc_type, exc, tb):
+        await asyncio.sleep(0) if exc_type is KeyError else None
+
+class LetsItOut:
+    async def __aenter__(self):
+        return self
+    async def __aexit__(self, exc_type, exc, tb):
+        await asyncio.sleep(10)
+''')
+        otel.install(f"{name}:CatchesDuringClose", f"{name}:ReleasesAtOnce",
+                     f"{name}:LetsItOut")
+        mod = importlib.import_module(name)
+
+        async def main() -> tuple[bool, bool]:
+            async with mod.ReleasesAtOnce():
+                pass
+
+            async def worker(cls: Any) -> None:
+                async with cls():
+                    pass
+
+            kept = asyncio.ensure_future(worker(mod.CatchesDuringClose))
+            let_out = asyncio.ensure_future(worker(mod.LetsItOut))
+            await asyncio.sleep(0.01)
+            kept.cancel()
+            let_out.cancel()
+            await kept
+            with pytest.raises(asyncio.CancelledError):
+                await let_out
+            return kept.cancelled(), let_out.cancelled()
+
+        assert run_on(loop_factory, main()) == (False, True)
+        assert [(f.kind, f.subject) for f in asyncdiag.findings()] == [
+            (_names.SWALLOWED_CANCELLATION, f"{name}.CatchesDuringClose")]
+
+
 def test_slow_teardown_of_aexit_and_of_aclose(
     loop_factory: Callable[[], asyncio.AbstractEventLoop], modules: Modules, otel: Otel,
     record_since: str,
