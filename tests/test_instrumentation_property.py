@@ -229,6 +229,7 @@ def test_instrumented_runs_are_indistinguishable(
     if mode.endswith("-python"):
         monkeypatch.setattr(_proxies, "_BlockOps", None)
         monkeypatch.setattr(_proxies, "_COUNTED", _proxies._CountedPython)
+        monkeypatch.setattr(_proxies, "_COUNT_BY_CALL", sys.version_info >= (3, 12))
     plain, instr_name = module_pair
     provider = TracerProvider(sampler=None if sampled else ALWAYS_OFF)
     _telemetry.use_providers(tracer_provider=provider)
