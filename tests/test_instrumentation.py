@@ -125,8 +125,9 @@ def otel_for(sampled: bool = True) -> Iterator[Otel]:
 @pytest.fixture(autouse=True, params=["c-hot-paths", "python-hot-paths"])
 def hot_paths(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Every test twice: with the C extension's hot paths (traced blocks opened and closed by
-    ``_speedups.BlockOps``; on 3.12+ generator requests counted by ``CountedBase``) and with
-    their Python references (``_proxies._open_span``..., ``_CountedRequests``)."""
+    ``_speedups.BlockOps``; generator requests counted by ``CountedBase``) and with their
+    Python references (``_proxies._open_span``..., ``_CountedRequests``, and on 3.10/3.11
+    the delegating generator)."""
     if request.param == "python-hot-paths":
         monkeypatch.setattr(_proxies, "_BlockOps", None)
         monkeypatch.setattr(_proxies, "_COUNTED", _proxies._CountedPython)

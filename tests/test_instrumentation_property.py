@@ -220,7 +220,7 @@ def test_instrumented_runs_are_indistinguishable(
     module_pair: tuple[Any, str], mode: str, plan: dict[str, Any],
 ) -> None:
     """Without ``-python``, the C extension's hot paths where it is built (``BlockOps`` for
-    traced blocks, ``CountedBase`` for generator requests on 3.12+); with it, their Python
+    traced blocks, ``CountedBase`` for generator requests); with it, their Python
     references."""
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.sampling import ALWAYS_OFF

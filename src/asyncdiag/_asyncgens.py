@@ -93,10 +93,6 @@ _CONTEXTLIB_FILE = os.path.abspath(contextlib.__file__)
 
 _get_running_loop = _loops.running_loop
 _current_task = _loops.task_of
-# The C hook reads asyncio's {loop: running task} table itself where there is one.
-_current_task_source: Callable[[Any], Any] | dict[Any, Any] = (
-    _loops.RUNNING_TASKS if _loops.RUNNING_TASKS is not None else _current_task
-)
 _getframe = sys._getframe
 _ref = weakref.ref
 _ref_of = itemgetter(0)
@@ -280,7 +276,7 @@ class _Chain:
                 return _CFirstIterHook(
                     first=first, tracker=tracker, registry=registry,
                     skip_cache=tracker.skip_cache, chain=chain, loop=chain_loop,
-                    current_task=_current_task_source,
+                    current_task=_loops.TASK_SOURCE,
                 )
             loop = chain_loop
 

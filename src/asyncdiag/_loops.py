@@ -85,6 +85,11 @@ def _running_loop_lookup() -> Callable[[], Any]:
 
 RUNNING_TASKS = _running_tasks_table()
 task_of = _task_lookup(RUNNING_TASKS)
+# What the C extension takes to find the running task: asyncio's table, which it reads
+# without a call, where there is one; else the lookup above.
+TASK_SOURCE: Callable[[Any], Any] | dict[Any, Any] = (
+    RUNNING_TASKS if RUNNING_TASKS is not None else task_of
+)
 running_loop = _running_loop_lookup()
 
 

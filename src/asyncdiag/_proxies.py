@@ -127,10 +127,8 @@ class Runtime:
         self.blocks: Any = None
         if _BlockOps is not None and self.tracing:
             ask = self.mode == _spans.ASK and self.mode_final
-            table = _loops.RUNNING_TASKS
             self.blocks = _BlockOps(
-                rt=self, running_loop=_get_running_loop,
-                task_of=table if table is not None and _task_of == table.get else _task_of,
+                rt=self, running_loop=_get_running_loop, task_of=_loops.TASK_SOURCE,
                 current_context=self.current_context, attach=self.attach, detach=self.detach,
                 start_span=self.tracer.start_span if ask else self.start_span,
                 set_span_in_context=trace.set_span_in_context,

@@ -5,7 +5,7 @@
  *   running_loop    3.10/3.11 running-loop lookup without getpid() (_loops)
  *   record_since    one awaited duration into a metrics series     (_telemetry)
  *   BlockOps, Block a traced async with's bookkeeping              (_proxies._open_span...)
- *   CountedBase     3.12+ counted generator requests               (_proxies._CountedRequests)
+ *   CountedBase     counted generator requests                     (_proxies._CountedRequests)
  *
  * CPython calls the thread's firstiter hook once for every async generator of the program.
  * The Python version of this hook (``_asyncgens._Chain.make_firstiter``) is the reference and
@@ -71,6 +71,22 @@ frame_lasti(PyFrameObject *frame)
     /* 3.10 counts code units; f_lasti (and 3.11+) count bytes. */
     return frame->f_lasti < 0 ? -1 : frame->f_lasti * (int)sizeof(_Py_CODEUNIT);
 #endif
+}
+
+/* The task running on loop (new reference; None if none). source is _loops.TASK_SOURCE:
+ * asyncio's {loop: running task} table, read directly (the dict current_task() reads, up to
+ * 3.13), or a callable(loop) -> task. */
+static PyObject *
+running_task_of(PyObject *source, PyObject *loop)
+{
+    if (!PyDict_CheckExact(source)) {
+        return PyObject_CallOneArg(source, loop);
+    }
+    PyObject *task = PyDict_GetItemWithError(source, loop); /* borrowed */
+    if (task == NULL && PyErr_Occurred()) {
+        return NULL;
+    }
+    return Py_NewRef(task != NULL ? task : Py_None);
 }
 
 /* Sets *code (new reference, or None) and *lasti for the frame that iterated. */
@@ -196,19 +212,9 @@ record(FirstIterHook *self, PyObject *agen)
     if (locate(self, &code, &lasti) < 0) {
         goto done;
     }
-    if (PyDict_CheckExact(self->current_task)) {
-        /* Before 3.12: asyncio's own table of running tasks (current_task() reads it). */
-        task = PyDict_GetItemWithError(self->current_task, self->loop);
-        if (task == NULL && PyErr_Occurred()) {
-            goto done;
-        }
-        task = Py_NewRef(task != NULL ? task : Py_None);
-    }
-    else {
-        task = PyObject_CallOneArg(self->current_task, self->loop);
-        if (task == NULL) {
-            goto done;
-        }
+    task = running_task_of(self->current_task, self->loop);
+    if (task == NULL) {
+        goto done;
     }
     if (task == Py_None) {
         name = Py_NewRef(Py_None);
@@ -569,7 +575,7 @@ record_since(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
  *       parent made current again here when this task attached it and it is on top, else
  *       detach_later(rt, record, task) (_proxies._detach)
  */
-/* The object fields of the two types below, listed once: X(name) for each. */
+/* The object fields of the types below, listed once: X(name) for each. */
 #define BLOCK_FIELDS(X) X(ctx) X(obj) X(prev) X(probe) X(span) X(task) X(token)
 #define BLOCKOPS_FIELDS(X) X(rt) X(running_loop) X(task_of) X(current_context) X(attach) \
     X(detach) X(start_span) X(set_span_in_context) X(set_attributes) X(direct_types) \
@@ -632,7 +638,7 @@ static PyTypeObject BlockType = {
 /* What the common case of a traced block needs, fixed for one Runtime:
  *   rt                  the _proxies.Runtime
  *   running_loop        () -> loop or None
- *   task_of             callable(loop) -> task, or a dict {loop: task}
+ *   task_of             _loops.TASK_SOURCE (see running_task_of)
  *   current_context, attach, detach   OpenTelemetry's current Context (_spans.context_access)
  *   start_span          the tracer's bound start_span, or Runtime.start_span
  *   set_span_in_context (span, context) -> Context
@@ -662,17 +668,7 @@ current_task_of(BlockOps *self)
     if (loop == Py_None) {
         return loop;
     }
-    PyObject *task;
-    if (PyDict_CheckExact(self->task_of)) {
-        task = PyDict_GetItemWithError(self->task_of, loop);
-        Py_XINCREF(task);
-        if (task == NULL && !PyErr_Occurred()) {
-            task = Py_NewRef(Py_None);
-        }
-    }
-    else {
-        task = PyObject_CallOneArg(self->task_of, loop);
-    }
+    PyObject *task = running_task_of(self->task_of, loop);
     Py_DECREF(loop);
     return task;
 }
@@ -964,7 +960,7 @@ static PyTypeObject BlockOpsType = {
 };
 
 
-/* ---- Counted generator requests (3.12+) -----------------------------------------------------
+/* ---- Counted generator requests --------------------------------------------------------------
  *
  * CountedBase: the per-item part of _proxies._Counted, what `async for` drives over an
  * instrumented async generator when only metrics are recorded. As a Python method this was
@@ -979,11 +975,15 @@ static PyTypeObject BlockOpsType = {
  *         return self._timed(anext(self.agen))
  *
  * and asend(value) likewise with self.agen.asend(value). */
+#define COUNTED_FIELDS(X) X(agen)
+
 typedef struct {
     PyObject_HEAD
-    PyObject *agen;
+    COUNTED_FIELDS(DECLARE_FIELD)
     Py_ssize_t left; /* counts down to the next timed request; negative: not measuring */
 } CountedBase;
+
+GC_FUNCTIONS(counted, CountedBase, COUNTED_FIELDS)
 
 static PyObject *str_timed, *str_asend;
 
@@ -1032,28 +1032,6 @@ static PyObject *
 counted_aiter(PyObject *self)
 {
     return Py_NewRef(self);
-}
-
-static int
-counted_traverse(CountedBase *self, visitproc visit, void *arg)
-{
-    Py_VISIT(self->agen);
-    return 0;
-}
-
-static int
-counted_clear(CountedBase *self)
-{
-    Py_CLEAR(self->agen);
-    return 0;
-}
-
-static void
-counted_dealloc(CountedBase *self)
-{
-    PyObject_GC_UnTrack(self);
-    counted_clear(self);
-    Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
 static PyAsyncMethods counted_async = {
