@@ -254,6 +254,7 @@ def use_python_hot_paths() -> None:
 
     from asyncdiag import _proxies, _telemetry
 
+    _proxies._MeasuredDunder = None
     _proxies._BlockOps = None
     _proxies._COUNTED = _proxies._CountedPython
     _proxies._COUNT_BY_CALL = sys.version_info >= (3, 12)

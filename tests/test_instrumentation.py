@@ -33,7 +33,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 
 import asyncdiag
-from _support import run_on
+from _support import assert_c_hot_paths, run_on, use_python_hot_paths
 from asyncdiag import _names, _proxies, _telemetry
 
 PY311 = sys.version_info >= (3, 11)
@@ -124,20 +124,14 @@ def otel_for(sampled: bool = True) -> Iterator[Otel]:
 
 @pytest.fixture(autouse=True, params=["c-hot-paths", "python-hot-paths"])
 def hot_paths(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Every test twice: with the C extension's hot paths (traced blocks opened and closed by
-    ``_speedups.BlockOps``; generator requests counted by ``CountedBase``) and with their
-    Python references (``_proxies._open_span``..., ``_CountedRequests``, and on 3.10/3.11
-    the delegating generator)."""
+    """Every test twice: with the C extension's hot paths (``MeasuredDunder`` as the patched
+    ``__aenter__``/``__aexit__``, traced blocks opened and closed by ``BlockOps``, generator
+    requests counted by ``CountedBase``) and with their Python references."""
     if request.param == "python-hot-paths":
-        monkeypatch.setattr(_proxies, "_BlockOps", None)
-        monkeypatch.setattr(_proxies, "_COUNTED", _proxies._CountedPython)
-        # Without the extension, 3.10/3.11 count through the delegating generator.
-        monkeypatch.setattr(_proxies, "_COUNT_BY_CALL", sys.version_info >= (3, 12))
+        use_python_hot_paths(monkeypatch)
     else:
-        speedups = pytest.importorskip("asyncdiag._speedups")
-        assert _proxies._BlockOps is speedups.BlockOps
-        assert _proxies._COUNTED is _proxies._Counted
-        assert _proxies._CountedBase is speedups.CountedBase
+        pytest.importorskip("asyncdiag._speedups")
+        assert_c_hot_paths()
     return str(request.param)
 
 
@@ -1119,6 +1113,264 @@ def test_the_same_exception_object_comes_out(
             raise AssertionError("swallowed")
 
     run_on(loop_factory, main())
+
+
+# -- the patched dunders as objects: what code that calls them by hand sees -----------------------
+
+BY_HAND = '''
+import asyncio
+
+class Step:
+    """Suspends once, yielding "step"; returns what was sent in."""
+    def __await__(self):
+        return (yield "step")
+
+class Driven:
+    """Awkward return values: a tuple, an exception object, a caught exception's args."""
+    async def __aenter__(self):
+        got = await Step()
+        return (got, "tuple")
+    async def __aexit__(self, exc_type, exc, tb):
+        try:
+            await Step()
+        except KeyError as caught:
+            return ("caught", caught.args)
+        return StopIteration("a value")
+
+class FutureBased:
+    """Plain methods returning other awaitables: a Future, an object with __await__."""
+    def __aenter__(self):
+        future = asyncio.get_running_loop().create_future()
+        asyncio.get_running_loop().call_soon(future.set_result, "entered")
+        return future
+    def __aexit__(self, exc_type, exc, tb):
+        return Suppresses(exc_type)
+
+class Suppresses:
+    def __init__(self, exc_type):
+        self.exc_type = exc_type
+    def __await__(self):
+        yield from asyncio.sleep(0).__await__()
+        return self.exc_type is KeyError
+
+class RaisesWhenCalled:
+    async def __aenter__(self):
+        return self
+    def __aexit__(self, exc_type, exc, tb):
+        raise OSError("when called")
+
+class NotAwaitable:
+    def __aenter__(self):
+        return 42
+    async def __aexit__(self, exc_type, exc, tb):
+        return None
+'''
+
+
+def _outcome_of(step: Callable[[], Any]) -> tuple[str, str]:
+    try:
+        return ("value", repr(step()))
+    except StopIteration as stop:
+        return ("stop", repr(stop.value))
+    except BaseException as exc:  # what came out is what is compared
+        return ("raised", f"{type(exc).__name__}: {exc}")
+
+
+def _drive_by_hand(mod: types.ModuleType) -> list[Any]:
+    """The coroutine protocol on what ``__aenter__``/``__aexit__`` return, without a loop."""
+    obj = mod.Driven()
+    out: list[Any] = []
+    c = obj.__aenter__()
+    out.append((asyncio.iscoroutine(c), inspect.iscoroutine(c), inspect.isawaitable(c),
+                isinstance(c, Coroutine), c.__qualname__, c.cr_code.co_name, repr(c)[:36]))
+    out.append(_outcome_of(lambda: c.send(None)))
+    out.append(_outcome_of(lambda: c.send("sent")))
+    out.append(_outcome_of(lambda: c.send(None)))  # reused
+    c = obj.__aexit__(None, None, None)
+    out.append(_outcome_of(lambda: c.send(None)))
+    out.append(_outcome_of(lambda: c.throw(KeyError("k"))))  # caught inside: returned
+    c = obj.__aexit__(None, None, None)
+    c.send(None)
+    out.append(_outcome_of(lambda: c.send(None)))  # returns an exception object
+    c = obj.__aexit__(None, None, None)
+    out.append(_outcome_of(lambda: c.throw(ValueError("before the first step"))))
+    out.append(_outcome_of(lambda: c.send(None)))
+    c = obj.__aenter__()
+    out.append(_outcome_of(c.close))  # before the first step
+    c = obj.__aenter__()
+    c.send(None)
+    out.append(_outcome_of(c.close))  # suspended
+    out.append(_outcome_of(lambda: c.send(None)))
+    it = obj.__aenter__().__await__()
+    out.append(_outcome_of(lambda: next(it)))
+    out.append(_outcome_of(lambda: it.send(1)))
+    c = obj.__aexit__(exc_type=None, exc=None, tb=None)  # by keyword
+    c.send(None)
+    out.append(_outcome_of(lambda: c.send(None)))
+    return out
+
+
+def _exit_outcomes(otel: Otel) -> dict[str, int]:
+    return {p.attributes[_names.ATTR_OUTCOME]: p.count
+            for p in otel.points(_names.CONTEXT_EXIT_DURATION.name)}
+
+
+def _introspect(cls: type) -> list[Any]:
+    obj = cls()
+    out: list[Any] = []
+    for name in ("__aenter__", "__aexit__"):
+        function, method = getattr(cls, name), getattr(obj, name)
+        out.append((
+            inspect.isfunction(function), inspect.iscoroutinefunction(function),
+            inspect.iscoroutinefunction(method), inspect.ismethod(method),
+            method.__self__ is obj, str(inspect.signature(method)),
+            str(inspect.signature(function)), function.__name__, function.__qualname__,
+            function.__module__ == cls.__module__, function.__doc__,
+            repr(function).split(" at ")[0],
+        ))
+    return out
+
+
+def test_the_patched_dunders_introspect_as_the_originals(modules: Modules, otel: Otel) -> None:
+    plain = importlib.import_module(modules.write(BY_HAND))
+    name = modules.write(BY_HAND)
+    otel.install(f"{name}:Driven", f"{name}:FutureBased")
+    mod = importlib.import_module(name)
+    for cls_name in ("Driven", "FutureBased"):
+        cls = getattr(mod, cls_name)
+        original = vars(getattr(plain, cls_name))["__aexit__"]
+        assert getattr(cls.__aexit__, "__asyncdiag_instrumented__", False)
+        assert cls.__aexit__.__wrapped__.__code__.co_code == original.__code__.co_code
+        expected = _introspect(getattr(plain, cls_name))
+        if cls_name == "FutureBased":
+            # Plain methods returning awaitables are wrapped as coroutine functions (as the
+            # Python wrapper always was): the one answer that differs.
+            for i in range(2):
+                expected[i] = (*expected[i][:1], True, True, *expected[i][3:])
+        assert _introspect(cls) == expected
+
+
+@pytest.mark.parametrize("sampled", [False, True], ids=["metrics", "traced"])
+def test_what_the_patched_dunders_return_is_driven_as_the_originals_coroutine(
+    modules: Modules, sampled: bool,
+) -> None:
+    """send, throw, close and __await__, before, during and after, with values that need
+    care (a tuple, an exception object): as on the original's coroutine; no warning; and what
+    ran is measured as the reference measures it (a close while suspended is an error)."""
+    import warnings
+
+    plain = importlib.import_module(modules.write(BY_HAND))
+    with warnings.catch_warnings(record=True) as plain_warnings:
+        warnings.simplefilter("always")
+        expected = _drive_by_hand(plain)
+        gc.collect()
+    name = modules.write(BY_HAND)
+    with otel_for(sampled=sampled) as otel, warnings.catch_warnings(record=True) as ours:
+        warnings.simplefilter("always")
+        otel.install(f"{name}:Driven")
+        got = _drive_by_hand(importlib.import_module(name))
+        gc.collect()
+        entered = otel.points(_names.CONTEXT_ENTER_DURATION.name)
+        exits = _exit_outcomes(otel)
+    assert got == expected
+    assert [str(w.message) for w in ours] == [str(w.message) for w in plain_warnings] == []
+    # Enters that ran: returned (first), closed while suspended (an error), via __await__.
+    assert [p.count for p in entered] == [3]
+    # Exits that ran: the KeyError caught inside, the exception object, the keyword call.
+    assert exits == {"ok": 3}
+
+
+def test_originals_that_return_other_awaitables_or_raise_when_called(
+    loop_factory: Callable[[], asyncio.AbstractEventLoop], modules: Modules, otel: Otel,
+    hot_paths: str,
+) -> None:
+    plain = importlib.import_module(modules.write(BY_HAND))
+    name = modules.write(BY_HAND)
+    otel.install(f"{name}:FutureBased", f"{name}:RaisesWhenCalled", f"{name}:NotAwaitable")
+    mod = importlib.import_module(name)
+
+    async def scenario(m: types.ModuleType) -> list[Any]:
+        out: list[Any] = []
+        async with m.FutureBased() as entered:
+            out.append(entered)
+        async with m.FutureBased():
+            raise KeyError("suppressed by the awaitable's result")
+        for cls in (m.RaisesWhenCalled, m.NotAwaitable):
+            try:
+                async with cls():
+                    out.append("body")
+            except Exception as exc:
+                # A non-awaitable from __aenter__: the interpreter words the TypeError for
+                # `async with`; measured, it is awaited, and worded as for `await`.
+                message = str(exc) if cls is m.RaisesWhenCalled else ""
+                frames = _frames(exc)
+                if not PY311 and hot_paths == "python-hot-paths" and m is mod:
+                    del frames[1]  # 3.10's bare `raise` keeps the Python wrapper's frame
+                out.append((type(exc).__name__, message, frames))
+        return out
+
+    assert run_on(loop_factory, scenario(mod)) == run_on(loop_factory, scenario(plain))
+    exits = {(p.attributes[_names.ATTR_SUBJECT].rsplit(".", 1)[-1],
+              p.attributes[_names.ATTR_OUTCOME]): p.count
+             for p in otel.points(_names.CONTEXT_EXIT_DURATION.name)}
+    assert exits == {("FutureBased", "ok"): 1, ("FutureBased", "suppressed"): 1,
+                     ("RaisesWhenCalled", "error"): 1}
+    enters = {p.attributes[_names.ATTR_SUBJECT].rsplit(".", 1)[-1]: p.count
+              for p in otel.points(_names.CONTEXT_ENTER_DURATION.name)}
+    assert enters == {"FutureBased": 2, "RaisesWhenCalled": 1, "NotAwaitable": 1}
+
+
+@pytest.mark.parametrize("how", ["closed", "collected", "own-coroutine-collected"])
+def test_an_exit_abandoned_while_suspended_is_recorded_once_as_an_error(
+    modules: Modules, otel: Otel, how: str,
+) -> None:
+    name = modules.write(BY_HAND)
+    otel.install(f"{name}:Driven")
+    mod = importlib.import_module(name)
+    unraisable: list[Any] = []
+    hook, sys.unraisablehook = sys.unraisablehook, unraisable.append
+    try:
+        if how == "own-coroutine-collected":
+            c = mod.Driven().__aexit__(None, None, None)
+            c.send(None)
+            del c
+        else:
+            async def user() -> None:
+                async with mod.Driven():
+                    pass
+
+            coro = user()
+            coro.send(None)  # suspended in __aenter__
+            coro.send(None)  # __aenter__ returned; the body ran; suspended in __aexit__
+            if how == "closed":
+                coro.close()
+            del coro
+        gc.collect()
+    finally:
+        sys.unraisablehook = hook
+    assert unraisable == []
+    assert _exit_outcomes(otel) == {"error": 1}
+
+
+def test_uninstall_between_the_call_and_the_first_step_leaves_the_original_alone(
+    loop_factory: Callable[[], asyncio.AbstractEventLoop], modules: Modules, otel: Otel,
+) -> None:
+    name = modules.write(SEED)
+    otel.install(f"{name}:Resource")
+    mod = importlib.import_module(name)
+    log: list[Any] = []
+
+    async def main() -> Any:
+        res = mod.Resource("r", log)
+        entering = res.__aenter__()
+        asyncdiag.uninstall()
+        entered = await entering
+        await entered.__aexit__(None, None, None)
+        return entered is res
+
+    assert run_on(loop_factory, main()) is True
+    assert log == [("enter", "r"), ("exit", "r", None)]
+    assert otel.points(_names.CONTEXT_ENTER_DURATION.name) == []
 
 
 def test_orphaned_generator_span_ends_when_collected(

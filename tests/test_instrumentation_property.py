@@ -20,8 +20,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import asyncdiag
-from _support import run_on
-from asyncdiag import _findings, _proxies, _telemetry
+from _support import run_on, use_python_hot_paths
+from asyncdiag import _findings, _telemetry
 
 SOURCE = '''
 import asyncio
@@ -219,17 +219,14 @@ def test_instrumented_runs_are_indistinguishable(
     loop_factory: Callable[[], asyncio.AbstractEventLoop], monkeypatch: pytest.MonkeyPatch,
     module_pair: tuple[Any, str], mode: str, plan: dict[str, Any],
 ) -> None:
-    """Without ``-python``, the C extension's hot paths where it is built (``BlockOps`` for
-    traced blocks, ``CountedBase`` for generator requests); with it, their Python
-    references."""
+    """Without ``-python``, the C extension's hot paths where it is built (``MeasuredDunder``,
+    ``BlockOps``, ``CountedBase``); with it, their Python references."""
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 
     sampled = mode.startswith("traced")
     if mode.endswith("-python"):
-        monkeypatch.setattr(_proxies, "_BlockOps", None)
-        monkeypatch.setattr(_proxies, "_COUNTED", _proxies._CountedPython)
-        monkeypatch.setattr(_proxies, "_COUNT_BY_CALL", sys.version_info >= (3, 12))
+        use_python_hot_paths(monkeypatch)
     plain, instr_name = module_pair
     provider = TracerProvider(sampler=None if sampled else ALWAYS_OFF)
     _telemetry.use_providers(tracer_provider=provider)

@@ -44,9 +44,11 @@ _task_of = _loops.task_of
 _record_since = _telemetry.record_since
 _Block: Any = None
 _BlockOps: Any = None
+_MeasuredDunder: Any = None
 try:
     from ._speedups import Block as _Block
     from ._speedups import BlockOps as _BlockOps
+    from ._speedups import MeasuredDunder as _MeasuredDunder
 except ImportError:  # built without a C compiler: the Python path below does it all
     pass
 
@@ -573,7 +575,7 @@ def make_cm_methods(
                 failed(internal)
             return result
         if rt is None or not active[0] or (type(self) is not owner and owner is not None and (
-            type(self).__aenter__ is not __aenter__ or type(self).__aexit__ is not __aexit__
+            type(self).__aenter__ is not installed[0] or type(self).__aexit__ is not installed[1]
         )):
             return await call_enter(self)
         record = None
@@ -645,7 +647,7 @@ def make_cm_methods(
                 failed(internal)
             return suppress
         if rt is None or not active[0] or (type(self) is not owner and owner is not None and (
-            type(self).__aexit__ is not __aexit__ or type(self).__aenter__ is not __aenter__
+            type(self).__aexit__ is not installed[1] or type(self).__aenter__ is not installed[0]
         )):
             return await call_exit(self, exc_type, exc, tb)
         record = None
@@ -692,14 +694,35 @@ def make_cm_methods(
 
     def disable() -> None:
         active[0] = False
+        for method in installed:
+            if _MeasuredDunder is not None and type(method) is _MeasuredDunder:
+                method.active = False
         if site is not None:
             site.fast = None  # the common path does not read ``active``; a bind needs it
 
-    methods: tuple[Any, Any] = (__aenter__, __aexit__)
-    for method, original in zip(methods, (call_enter, call_exit), strict=True):
+    pairs: tuple[tuple[Any, Caller], ...] = ((__aenter__, call_enter), (__aexit__, call_exit))
+    for method, original in pairs:
         _dress(method, original)
         method._self_disable = disable
-    return methods
+    # What goes on the class: these two functions, or (with the extension) the C objects that
+    # stand for them and do their common paths without a coroutine of their own (see
+    # _speedups.c, "Measured __aenter__ / __aexit__").
+    installed: list[Any] = [__aenter__, __aexit__]
+    if _MeasuredDunder is not None:
+        helpers = _dunder_helpers()
+        installed[:] = [
+            _MeasuredDunder(__aenter__, call_enter, site, owner, False, False, helpers),
+            _MeasuredDunder(__aexit__, call_exit, site, owner, True, check_cancel, helpers),
+        ]
+    return installed[0], installed[1]
+
+
+def _dunder_helpers() -> tuple[Any, ...]:
+    """What ``_speedups.MeasuredDunder`` calls and reads, in the order it expects."""
+    return (
+        globals(), failed, _enter_failed, _exit_failed, _ok_exit_findings, _exited,
+        _end_with_span, _open_span, _push_open, _get_running_loop, _loops.TASK_SOURCE, MAX_OPEN,
+    )
 
 
 class AsyncCMProxy(_ObjectProxy):  # type: ignore[misc]

@@ -6,6 +6,8 @@
  *   record_since    one awaited duration into a metrics series     (_telemetry)
  *   BlockOps, Block a traced async with's bookkeeping              (_proxies._open_span...)
  *   CountedBase     counted generator requests                     (_proxies._CountedRequests)
+ *   MeasuredDunder, an instrumented __aenter__/__aexit__ without    (_proxies.make_cm_methods)
+ *   MeasuredAwait   a wrapper coroutine
  *
  * CPython calls the thread's firstiter hook once for every async generator of the program.
  * The Python version of this hook (``_asyncgens._Chain.make_firstiter``) is the reference and
@@ -502,28 +504,31 @@ running_loop(PyObject *module, PyObject *Py_UNUSED(ignored))
  * series is a _telemetry.Series (a list). The clock is perf_counter's own. */
 static PyObject *str_limit, *str_histogram, *str_fold;
 
-static PyObject *
-record_since(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+/* perf_counter() in seconds. */
+static int
+perf_now(double *seconds)
 {
-    if (nargs != 2 || !PyList_Check(args[0])) {
-        PyErr_SetString(PyExc_TypeError, "record_since(series: list, t0: float)");
-        return NULL;
-    }
-    PyObject *series = args[0];
-    double t0 = PyFloat_AsDouble(args[1]);
-    if (t0 == -1.0 && PyErr_Occurred()) {
-        return NULL;
-    }
 #if PY_VERSION_HEX >= 0x030D0000
     PyTime_t now;
     if (PyTime_PerfCounter(&now) < 0) {
+        return -1;
+    }
+    *seconds = PyTime_AsSecondsDouble(now);
+#else
+    *seconds = _PyTime_AsSecondsDouble(_PyTime_GetPerfCounter());
+#endif
+    return 0;
+}
+
+/* record_since's work, for a series known to be a list (new reference: the duration). */
+static PyObject *
+record_duration(PyObject *series, double t0)
+{
+    double now;
+    if (perf_now(&now) < 0) {
         return NULL;
     }
-    PyObject *duration = PyFloat_FromDouble(PyTime_AsSecondsDouble(now) - t0);
-#else
-    PyObject *duration = PyFloat_FromDouble(
-        _PyTime_AsSecondsDouble(_PyTime_GetPerfCounter()) - t0);
-#endif
+    PyObject *duration = PyFloat_FromDouble(now - t0);
     if (duration == NULL || PyList_Append(series, duration) < 0) {
         Py_XDECREF(duration);
         return NULL;
@@ -551,6 +556,20 @@ record_since(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         Py_DECREF(folded);
     }
     return duration;
+}
+
+static PyObject *
+record_since(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2 || !PyList_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "record_since(series: list, t0: float)");
+        return NULL;
+    }
+    double t0 = PyFloat_AsDouble(args[1]);
+    if (t0 == -1.0 && PyErr_Occurred()) {
+        return NULL;
+    }
+    return record_duration(args[0], t0);
 }
 
 
@@ -1067,6 +1086,1082 @@ static PyTypeObject CountedBaseType = {
     .tp_members = counted_members,
 };
 
+/* ---- Measured __aenter__ / __aexit__ ---------------------------------------------------------
+ *
+ * MeasuredDunder: an instrumented class's __aenter__ or __aexit__ (and AsyncCMProxy's) when
+ * the extension is built. It stands for the Python wrapper that _proxies.make_cm_methods made
+ * (`reference`), which stays the reference and the path of every case not handled here: every
+ * attribute, the class isinstance and inspect see, and the repr are the reference function's,
+ * so inspect.iscoroutinefunction, signature and asyncdiag's own marks answer as before.
+ *
+ * Called, it handles the two common cases of the reference itself, when the block is measured
+ * on the patched class's own type (not a subclass) with the protocol's arguments:
+ *   metrics only   site.fast is RUNTIME
+ *   traced         site.runtime is RUNTIME, rt.tracing, rt.blocks a BlockOps
+ * by calling the original at once and returning a MeasuredAwait around what it returned: no
+ * wrapper coroutine, whose frame and bytecode were most of what a measured block cost. RUNTIME
+ * None, or disabled: the original's awaitable itself. Any other case: the reference.
+ *
+ * MeasuredAwait does, step for step, what the reference does around `await call(...)`:
+ *   first step  (exit) the running task and its cancellation count; (traced) blocks.open or
+ *               blocks.pop; then t0
+ *   returned    the duration recorded, the findings and the span's end through the same
+ *               helpers (_ok_exit_findings, _exited, BlockOps.close, _push_open ...)
+ *   raised      _enter_failed / _exit_failed, and the same exception object goes on, with no
+ *               frame of ours in its traceback
+ * Internal errors go to _proxies.failed, as the reference's `except Exception` blocks do. To
+ * asyncio and inspect it is the original's coroutine: send, throw, close, __await__, and that
+ * coroutine's class and attributes (cr_frame, cr_code, __qualname__ ...).
+ */
+
+/* The _proxies objects both types use, in one tuple, in this order. */
+enum {
+    H_GLOBALS,          /* _proxies' globals: RUNTIME is read there */
+    H_FAILED,           /* failed(internal) */
+    H_ENTER_FAILED,     /* _enter_failed(rt, site, record, exc, duration) */
+    H_EXIT_FAILED,      /* _exit_failed(rt, site, record, exc, duration, task, frame) */
+    H_OK_EXIT_FINDINGS, /* _ok_exit_findings(rt, site, record, duration, task, cancelling, frame) */
+    H_EXITED,           /* _exited(rt, site, record, exc_type, suppress, duration, task,
+                           cancelling, frame) */
+    H_END_WITH_SPAN,    /* _end_with_span(rt, record, outcome, duration, exc_type, site, task) */
+    H_OPEN_SPAN,        /* _open_span(rt, obj, site) */
+    H_PUSH_OPEN,        /* _push_open(rt, record) */
+    H_RUNNING_LOOP,     /* _loops.running_loop */
+    H_TASK_SOURCE,      /* _loops.TASK_SOURCE (see running_task_of) */
+    H_MAX_OPEN,         /* MAX_OPEN */
+    H_COUNT
+};
+
+static PyObject *str_RUNTIME, *str_bind, *str_self_site, *str_fast, *str_runtime, *str_tracing,
+    *str_blocks, *str_enter, *str_exit_ok, *str_with_span, *str_subject, *str_slow_teardown,
+    *str_cancelling, *str_task, *str_enter_duration, *str_ok, *str_throw, *str_close,
+    *str_value, *str_gi_code, *str_reference, *str_active;
+
+#define DUNDER_FIELDS(X) X(reference) X(call) X(site) X(owner) X(helpers)
+
+typedef struct {
+    PyObject_HEAD
+    vectorcallfunc vectorcall;
+    DUNDER_FIELDS(DECLARE_FIELD)
+    char is_exit;      /* __aexit__ (else __aenter__) */
+    char check_cancel; /* compare the task's cancellation count around the call (see the
+                          reference's check_cancel) */
+    char active;       /* cleared by the reference's disable() */
+} MeasuredDunder;
+
+GC_FUNCTIONS(dunder, MeasuredDunder, DUNDER_FIELDS)
+
+#define AWAIT_FIELDS(X) X(dunder) X(inner) X(obj) X(site) X(rt) X(ops) X(exc_type) X(task) \
+    X(record)
+
+enum { AWAIT_NEW, AWAIT_MEASURING, AWAIT_PASSING, AWAIT_DONE };
+
+typedef struct {
+    PyObject_HEAD
+    AWAIT_FIELDS(DECLARE_FIELD)
+    PyObject *weakreflist;
+    double t0;
+    long cancelling; /* the task's count before the call; -1: not known */
+    char state;      /* AWAIT_*: PASSING only delegates (RUNTIME changed before the first step) */
+    char running;    /* inside a step of inner: a re-entrant call only delegates */
+    char traced;
+} MeasuredAwait;
+
+static PyTypeObject MeasuredAwaitType;
+
+#define HELPER(dunder, index) PyTuple_GET_ITEM(((MeasuredDunder *)(dunder))->helpers, index)
+
+/* The exception being raised, normalized and taken off the thread (new reference). */
+static PyObject *
+take_exception(void)
+{
+#if PY_VERSION_HEX >= 0x030C0000
+    return PyErr_GetRaisedException();
+#else
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    if (type == NULL) {
+        return NULL;
+    }
+    PyErr_NormalizeException(&type, &value, &tb);
+    if (value != NULL && tb != NULL) {
+        PyException_SetTraceback(value, tb);
+    }
+    Py_XDECREF(type);
+    Py_XDECREF(tb);
+    return value;
+#endif
+}
+
+/* Raise exc again, unchanged (steals the reference). */
+static void
+give_exception(PyObject *exc)
+{
+#if PY_VERSION_HEX >= 0x030C0000
+    PyErr_SetRaisedException(exc);
+#else
+    PyErr_Restore(Py_NewRef((PyObject *)Py_TYPE(exc)), exc, PyException_GetTraceback(exc));
+#endif
+}
+
+/* An error of asyncdiag's own: `except Exception as internal: failed(internal)`. 0 if that
+ * handled it; -1 with it still raised if it is not an Exception (KeyboardInterrupt...). */
+static int
+internal_error(PyObject *dunder)
+{
+    if (!PyErr_ExceptionMatches(PyExc_Exception)) {
+        return -1;
+    }
+    PyObject *internal = take_exception();
+    PyObject *done = PyObject_CallOneArg(HELPER(dunder, H_FAILED), internal);
+    if (done == NULL) {
+        PyErr_WriteUnraisable(HELPER(dunder, H_FAILED));
+    }
+    Py_XDECREF(done);
+    Py_XDECREF(internal);
+    return 0;
+}
+
+/* What `await o` iterates (as the interpreter's GET_AWAITABLE finds it; new reference). */
+static PyObject *
+await_iter(PyObject *o)
+{
+    if (PyCoro_CheckExact(o)) {
+        return Py_NewRef(o);
+    }
+    if (PyGen_CheckExact(o)) { /* a generator-based coroutine (types.coroutine) */
+        PyObject *code = PyObject_GetAttr(o, str_gi_code);
+        if (code == NULL) {
+            return NULL;
+        }
+        int iterable = PyCode_Check(code)
+            && (((PyCodeObject *)code)->co_flags & CO_ITERABLE_COROUTINE);
+        Py_DECREF(code);
+        if (iterable) {
+            return Py_NewRef(o);
+        }
+    }
+    PyAsyncMethods *async = Py_TYPE(o)->tp_as_async;
+    if (async == NULL || async->am_await == NULL) {
+        PyErr_Format(PyExc_TypeError, "object %.100s can't be used in 'await' expression",
+                     Py_TYPE(o)->tp_name);
+        return NULL;
+    }
+    PyObject *it = async->am_await(o);
+    if (it != NULL && PyCoro_CheckExact(it)) {
+        PyErr_SetString(PyExc_TypeError, "__await__() returned a coroutine");
+        Py_CLEAR(it);
+    }
+    else if (it != NULL && !PyIter_Check(it)) {
+        PyErr_Format(PyExc_TypeError, "__await__() returned non-iterator of type '%.100s'",
+                     Py_TYPE(it)->tp_name);
+        Py_CLEAR(it);
+    }
+    return it;
+}
+
+/* The frame that awaits us (the `async with` line's), or None; borrowed. */
+static PyObject *
+awaiting_frame(void)
+{
+    PyObject *frame = (PyObject *)PyEval_GetFrame();
+    return frame != NULL ? frame : Py_None;
+}
+
+#define OR_NONE(o) ((o) != NULL ? (o) : Py_None)
+
+/* The failure helper for exc (not raised). 0, or -1 with an exception of ours raised that
+ * must go out instead (a BaseException that is not an Exception). */
+static int
+failed_call(MeasuredAwait *w, PyObject *exc, double duration)
+{
+    MeasuredDunder *dunder = (MeasuredDunder *)w->dunder;
+    PyObject *seconds = PyFloat_FromDouble(duration);
+    if (seconds == NULL) {
+        return internal_error(w->dunder);
+    }
+    PyObject *done;
+    if (dunder->is_exit) {
+        PyObject *args[7] = {w->rt, w->site, OR_NONE(w->record), exc, seconds,
+                             OR_NONE(w->task), awaiting_frame()};
+        done = PyObject_Vectorcall(HELPER(dunder, H_EXIT_FAILED), args, 7, NULL);
+    }
+    else {
+        PyObject *args[5] = {w->rt, w->site, OR_NONE(w->record), exc, seconds};
+        done = PyObject_Vectorcall(HELPER(dunder, H_ENTER_FAILED), args, 5, NULL);
+    }
+    Py_DECREF(seconds);
+    if (done == NULL) {
+        return internal_error(w->dunder);
+    }
+    Py_DECREF(done);
+    return 0;
+}
+
+/* The traced __aenter__'s record into rt.open (the reference's inline _push_open). */
+static int
+push_record(MeasuredAwait *w, PyObject *duration)
+{
+    PyObject *record = w->record;
+    PyObject *task;
+    if (Py_TYPE(record) == &BlockType) {
+        ((Block *)record)->enter_duration = PyFloat_AS_DOUBLE(duration);
+        task = Py_NewRef(OR_NONE(((Block *)record)->task));
+    }
+    else {
+        if (PyObject_SetAttr(record, str_enter_duration, duration) < 0) {
+            return -1;
+        }
+        task = PyObject_GetAttr(record, str_task);
+        if (task == NULL) {
+            return -1;
+        }
+    }
+    PyObject *opened = ((BlockOps *)w->ops)->opened;
+    PyObject *id = PyLong_FromVoidPtr(w->obj);
+    PyObject *key = id == NULL ? NULL : PyTuple_Pack(2, id, task);
+    Py_XDECREF(id);
+    Py_DECREF(task);
+    if (key == NULL) {
+        return -1;
+    }
+    Py_ssize_t limit = PyLong_AsSsize_t(HELPER(w->dunder, H_MAX_OPEN));
+    int present = PyDict_Contains(opened, key);
+    int done;
+    if (present < 0 || (limit == -1 && PyErr_Occurred())) {
+        done = -1;
+    }
+    else if (PyDict_GET_SIZE(opened) < limit && !present) {
+        done = PyDict_SetItem(opened, key, record);
+    }
+    else {
+        PyObject *pushed = PyObject_CallFunctionObjArgs(HELPER(w->dunder, H_PUSH_OPEN), w->rt,
+                                                        record, NULL);
+        Py_XDECREF(pushed);
+        done = pushed == NULL ? -1 : 0;
+    }
+    Py_DECREF(key);
+    return done;
+}
+
+/* Whether the task's cancellation count went up during the call (1), not (0), or error. */
+static int
+cancelled_inside(MeasuredAwait *w)
+{
+    if (w->cancelling < 0) {
+        return 0;
+    }
+    PyObject *now = PyObject_CallMethodNoArgs(w->task, str_cancelling);
+    if (now == NULL) {
+        return -1;
+    }
+    long count = PyLong_AsLong(now);
+    Py_DECREF(now);
+    if (count == -1 && PyErr_Occurred()) {
+        return -1;
+    }
+    return count > w->cancelling;
+}
+
+/* The original returned result. 0, or -1 with an exception of ours that goes out instead. */
+static int
+finish_ok(MeasuredAwait *w, PyObject *result)
+{
+    MeasuredDunder *dunder = (MeasuredDunder *)w->dunder;
+    PyObject *series = NULL, *duration = NULL, *done = NULL;
+    if (!dunder->is_exit || w->exc_type == Py_None) {
+        series = PyObject_GetAttr(w->site, dunder->is_exit ? str_exit_ok : str_enter);
+        if (series == NULL) {
+            goto error;
+        }
+        if (!PyList_Check(series)) {
+            PyErr_SetString(PyExc_TypeError, "a site's series must be a list");
+            goto error;
+        }
+        duration = record_duration(series, w->t0);
+        if (duration == NULL) {
+            goto error;
+        }
+    }
+    if (!dunder->is_exit) {
+        if (w->record != NULL && w->record != Py_None && push_record(w, duration) < 0) {
+            goto error;
+        }
+    }
+    else if (w->exc_type == Py_None) {
+        PyObject *limit = PyObject_GetAttr(w->rt, str_slow_teardown);
+        int slow = limit == NULL ? -1
+            : PyObject_RichCompareBool(duration, limit, Py_GT);
+        Py_XDECREF(limit);
+        int found = slow != 0 ? slow : cancelled_inside(w);
+        if (found < 0) {
+            goto error;
+        }
+        if (found) {
+            PyObject *cancelling = PyLong_FromLong(w->cancelling);
+            if (cancelling == NULL) {
+                goto error;
+            }
+            PyObject *args[7] = {w->rt, w->site, OR_NONE(w->record), duration,
+                                 OR_NONE(w->task), cancelling, awaiting_frame()};
+            done = PyObject_Vectorcall(HELPER(dunder, H_OK_EXIT_FINDINGS), args, 7, NULL);
+            Py_DECREF(cancelling);
+            if (done == NULL) {
+                goto error;
+            }
+            Py_CLEAR(done);
+        }
+        if (w->record != NULL && w->record != Py_None) {
+            PyObject *subject = PyObject_GetAttr(w->site, str_subject);
+            if (subject == NULL) {
+                goto error;
+            }
+            if (Py_TYPE(w->record) == &BlockType) {
+                PyObject *args[5] = {w->record, subject, str_ok, duration, OR_NONE(w->task)};
+                done = blockops_close((BlockOps *)w->ops, args, 5);
+            }
+            else {
+                PyObject *args[7] = {w->rt, w->record, str_ok, duration, Py_None, w->site,
+                                     OR_NONE(w->task)};
+                done = PyObject_Vectorcall(HELPER(dunder, H_END_WITH_SPAN), args, 7, NULL);
+            }
+            Py_DECREF(subject);
+            if (done == NULL) {
+                goto error;
+            }
+            Py_CLEAR(done);
+        }
+    }
+    else {
+        double now;
+        if (perf_now(&now) < 0) {
+            goto error;
+        }
+        PyObject *seconds = PyFloat_FromDouble(now - w->t0);
+        PyObject *cancelling = seconds == NULL ? NULL : PyLong_FromLong(w->cancelling);
+        if (cancelling == NULL) {
+            Py_XDECREF(seconds);
+            goto error;
+        }
+        PyObject *args[9] = {w->rt, w->site, OR_NONE(w->record), w->exc_type, result, seconds,
+                             OR_NONE(w->task), cancelling, awaiting_frame()};
+        done = PyObject_Vectorcall(HELPER(dunder, H_EXITED), args, 9, NULL);
+        Py_DECREF(seconds);
+        Py_DECREF(cancelling);
+        if (done == NULL) {
+            goto error;
+        }
+        Py_CLEAR(done);
+    }
+    Py_XDECREF(series);
+    Py_XDECREF(duration);
+    return 0;
+
+error:
+    Py_XDECREF(series);
+    Py_XDECREF(duration);
+    return internal_error(w->dunder);
+}
+
+/* The first step: what the reference does before its `await`. 0 (state MEASURING, or
+ * PASSING), or -1 with the exception to raise (state DONE). */
+static int
+start(MeasuredAwait *w)
+{
+    MeasuredDunder *dunder = (MeasuredDunder *)w->dunder;
+    PyObject *rt = PyDict_GetItemWithError(HELPER(dunder, H_GLOBALS), str_RUNTIME);
+    if (rt != w->rt) { /* uninstalled (or failed) since the call: only the original */
+        if (rt == NULL && PyErr_Occurred()) {
+            w->state = AWAIT_DONE;
+            return -1;
+        }
+        PyObject *it = await_iter(w->inner);
+        if (it == NULL) {
+            w->state = AWAIT_DONE;
+            return -1;
+        }
+        Py_SETREF(w->inner, it);
+        w->state = AWAIT_PASSING;
+        return 0;
+    }
+    if (dunder->is_exit) {
+        int traced_open = w->traced && PyDict_GET_SIZE(((BlockOps *)w->ops)->opened);
+        if (dunder->check_cancel || traced_open) {
+            PyObject *loop = PyObject_CallNoArgs(HELPER(dunder, H_RUNNING_LOOP));
+            if (loop == NULL) {
+                goto internal;
+            }
+            w->task = loop == Py_None ? Py_NewRef(Py_None)
+                : running_task_of(HELPER(dunder, H_TASK_SOURCE), loop);
+            Py_DECREF(loop);
+            if (w->task == NULL) {
+                goto internal;
+            }
+            if (dunder->check_cancel && w->task != Py_None) {
+                PyObject *count = PyObject_CallMethodNoArgs(w->task, str_cancelling);
+                if (count == NULL) {
+                    if (!PyErr_ExceptionMatches(PyExc_AttributeError)) {
+                        goto internal;
+                    }
+                    PyErr_Clear(); /* a Task-like object without cancelling() */
+                }
+                else {
+                    w->cancelling = PyLong_AsLong(count);
+                    Py_DECREF(count);
+                    if (w->cancelling == -1 && PyErr_Occurred()) {
+                        goto internal;
+                    }
+                }
+            }
+            if (traced_open) {
+                PyObject *args[2] = {w->obj, w->task};
+                w->record = blockops_pop((BlockOps *)w->ops, args, 2);
+                if (w->record == NULL) {
+                    goto internal;
+                }
+            }
+        }
+    }
+    else if (w->traced) {
+        PyObject *name = PyObject_GetAttr(w->site, str_with_span);
+        if (name != NULL) {
+            PyObject *args[2] = {name, w->obj};
+            w->record = blockops_open((BlockOps *)w->ops, args, 2);
+            Py_DECREF(name);
+        }
+        if (w->record == NULL) {
+            if (internal_error(w->dunder) < 0) {
+                w->state = AWAIT_DONE;
+                return -1;
+            }
+        }
+        else if (w->record == Py_NotImplemented) { /* no running task: the Python path */
+            Py_SETREF(w->record, PyObject_CallFunctionObjArgs(HELPER(dunder, H_OPEN_SPAN),
+                                                              w->rt, w->obj, w->site, NULL));
+            if (w->record == NULL && internal_error(w->dunder) < 0) {
+                w->state = AWAIT_DONE;
+                return -1;
+            }
+        }
+    }
+    if (perf_now(&w->t0) < 0) {
+        goto internal;
+    }
+    w->state = AWAIT_MEASURING;
+    PyObject *it = await_iter(w->inner);
+    if (it == NULL) { /* as the reference's `await` would: a failure of the call */
+        w->state = AWAIT_DONE;
+        PyObject *exc = take_exception();
+        double now;
+        if (perf_now(&now) < 0 || failed_call(w, exc, now - w->t0) < 0) {
+            Py_DECREF(exc);
+            return -1;
+        }
+        give_exception(exc);
+        return -1;
+    }
+    Py_SETREF(w->inner, it);
+    return 0;
+
+internal:
+    if (internal_error(w->dunder) < 0) {
+        w->state = AWAIT_DONE;
+        return -1;
+    }
+    it = await_iter(w->inner);
+    if (it == NULL) {
+        w->state = AWAIT_DONE;
+        return -1;
+    }
+    Py_SETREF(w->inner, it);
+    w->state = AWAIT_PASSING;
+    return 0;
+}
+
+/* Drop what only the measurement needed, once it is over. */
+static void
+measurement_over(MeasuredAwait *w)
+{
+    w->state = AWAIT_DONE;
+    Py_CLEAR(w->obj);
+    Py_CLEAR(w->site);
+    Py_CLEAR(w->rt);
+    Py_CLEAR(w->ops);
+    Py_CLEAR(w->exc_type);
+    Py_CLEAR(w->task);
+    Py_CLEAR(w->record);
+}
+
+/* After one step of inner, with what it gave (PyIter_Send's result and *result). */
+static PySendResult
+after_step(MeasuredAwait *w, PySendResult r, PyObject **result)
+{
+    w->running = 0;
+    if (r == PYGEN_NEXT || w->state != AWAIT_MEASURING) {
+        return r;
+    }
+    if (r == PYGEN_RETURN) {
+        int ok = finish_ok(w, *result);
+        measurement_over(w);
+        if (ok < 0) {
+            Py_CLEAR(*result);
+            return PYGEN_ERROR;
+        }
+        return PYGEN_RETURN;
+    }
+    PyObject *exc = take_exception();
+    if (exc == NULL) {
+        measurement_over(w);
+        PyErr_SetString(PyExc_SystemError, "an awaitable failed without an exception");
+        return PYGEN_ERROR;
+    }
+    double now;
+    int reported = perf_now(&now) < 0 ? internal_error(w->dunder)
+        : failed_call(w, exc, now - w->t0);
+    measurement_over(w);
+    if (reported < 0) { /* ours goes out, with the original's exception as its context */
+        PyObject *ours = take_exception();
+        PyException_SetContext(ours, exc);
+        give_exception(ours);
+        return PYGEN_ERROR;
+    }
+    give_exception(exc);
+    return PYGEN_ERROR;
+}
+
+static PySendResult
+await_send(MeasuredAwait *w, PyObject *value, PyObject **result)
+{
+    *result = NULL;
+    if (w->state == AWAIT_NEW && !w->running && start(w) < 0) {
+        return PYGEN_ERROR;
+    }
+    if (w->running || w->state != AWAIT_MEASURING) {
+        return PyIter_Send(w->inner, value, result);
+    }
+    w->running = 1;
+    PySendResult r = PyIter_Send(w->inner, value, result);
+    return after_step(w, r, result);
+}
+
+/* StopIteration(value), however value looks (a tuple, an exception). */
+static void
+set_stop_iteration(PyObject *value)
+{
+    if (value == Py_None) {
+        PyErr_SetNone(PyExc_StopIteration);
+        return;
+    }
+    PyObject *stop = PyObject_CallOneArg(PyExc_StopIteration, value);
+    if (stop != NULL) {
+        PyErr_SetObject(PyExc_StopIteration, stop);
+        Py_DECREF(stop);
+    }
+}
+
+/* A send result as a method returns it. */
+static PyObject *
+sent(PySendResult r, PyObject *result)
+{
+    if (r == PYGEN_NEXT) {
+        return result;
+    }
+    if (r == PYGEN_RETURN) {
+        set_stop_iteration(result);
+        Py_DECREF(result);
+    }
+    return NULL;
+}
+
+static PyObject *
+await_iternext(MeasuredAwait *w)
+{
+    PyObject *result;
+    PySendResult r = await_send(w, Py_None, &result);
+    if (r == PYGEN_RETURN && result == Py_None) {
+        Py_DECREF(result);
+        return NULL; /* exhausted: StopIteration(None), without making one */
+    }
+    return sent(r, result);
+}
+
+static PyObject *
+await_send_method(MeasuredAwait *w, PyObject *value)
+{
+    PyObject *result;
+    PySendResult r = await_send(w, value, &result);
+    return sent(r, result);
+}
+
+/* The result of a call to a delegate's throw(): NEXT with what it yielded, RETURN with the
+ * StopIteration's value, or ERROR. */
+static PySendResult
+as_send_result(PyObject *yielded, PyObject **result)
+{
+    *result = yielded;
+    if (yielded != NULL) {
+        return PYGEN_NEXT;
+    }
+    if (!PyErr_ExceptionMatches(PyExc_StopIteration)) {
+        return PYGEN_ERROR;
+    }
+    PyObject *stop = take_exception();
+    *result = PyObject_GetAttr(stop, str_value);
+    Py_DECREF(stop);
+    return *result != NULL ? PYGEN_RETURN : PYGEN_ERROR;
+}
+
+/* it.throw(*args), or, for an iterator without throw(), the exception raised right here (as
+ * the interpreter does at a `yield from` over such an iterator). */
+static PyObject *
+throw_into(PyObject *it, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *throw = PyObject_GetAttr(it, str_throw);
+    if (throw != NULL) {
+        PyObject *result = PyObject_Vectorcall(throw, args, nargs, NULL);
+        Py_DECREF(throw);
+        return result;
+    }
+    if (!PyErr_ExceptionMatches(PyExc_AttributeError)) {
+        return NULL;
+    }
+    PyErr_Clear();
+    PyObject *typ = args[0];
+    if (PyExceptionInstance_Check(typ)) {
+        PyErr_SetObject((PyObject *)Py_TYPE(typ), typ);
+    }
+    else if (PyExceptionClass_Check(typ)) {
+        PyErr_SetObject(typ, nargs > 1 ? args[1] : Py_None);
+    }
+    else {
+        PyErr_Format(PyExc_TypeError, "exceptions must be classes or instances deriving from "
+                     "BaseException, not %s", Py_TYPE(typ)->tp_name);
+    }
+    return NULL;
+}
+
+static PyObject *
+await_throw(MeasuredAwait *w, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs < 1 || nargs > 3) {
+        PyErr_SetString(PyExc_TypeError, "throw() takes from 1 to 3 arguments");
+        return NULL;
+    }
+    if (w->state == AWAIT_NEW && !w->running) {
+        /* Before the first step the reference's coroutine would not have run: the original's
+         * own coroutine takes it (and raises it); another awaitable, through its iterator. */
+        if (PyCoro_CheckExact(w->inner)) {
+            measurement_over(w);
+            return throw_into(w->inner, args, nargs);
+        }
+        PyObject *it = await_iter(w->inner);
+        if (it == NULL) {
+            return NULL;
+        }
+        Py_SETREF(w->inner, it);
+        w->state = AWAIT_PASSING;
+    }
+    if (w->running || w->state != AWAIT_MEASURING) {
+        return throw_into(w->inner, args, nargs);
+    }
+    w->running = 1;
+    PyObject *result;
+    PySendResult r = as_send_result(throw_into(w->inner, args, nargs), &result);
+    return sent(after_step(w, r, &result), result);
+}
+
+static PyObject *
+close_inner(PyObject *it)
+{
+    PyObject *close = PyObject_GetAttr(it, str_close);
+    if (close == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_AttributeError)) {
+            return NULL;
+        }
+        PyErr_Clear();
+        Py_RETURN_NONE;
+    }
+    PyObject *result = PyObject_CallNoArgs(close);
+    Py_DECREF(close);
+    return result;
+}
+
+static PyObject *
+await_close(MeasuredAwait *w, PyObject *Py_UNUSED(ignored))
+{
+    if (w->state == AWAIT_NEW && !w->running) {
+        measurement_over(w);
+        if (PyCoro_CheckExact(w->inner)) {
+            return close_inner(w->inner); /* as closing the original's coroutine would */
+        }
+        Py_RETURN_NONE; /* not awaited yet: nothing of it started */
+    }
+    if (w->running || w->state != AWAIT_MEASURING) {
+        return close_inner(w->inner);
+    }
+    /* Closed while suspended in the original: the reference records the GeneratorExit that
+     * its own `await` raised, or what the original raised instead. */
+    w->running = 1;
+    PyObject *closed = close_inner(w->inner);
+    w->running = 0;
+    PyObject *exc = closed != NULL ? PyObject_CallNoArgs(PyExc_GeneratorExit)
+        : take_exception();
+    if (exc == NULL) {
+        measurement_over(w);
+        Py_XDECREF(closed);
+        return NULL;
+    }
+    double now;
+    int reported = perf_now(&now) < 0 ? internal_error(w->dunder)
+        : failed_call(w, exc, now - w->t0);
+    measurement_over(w);
+    if (closed == NULL) {
+        if (reported < 0) {
+            Py_DECREF(exc);
+            return NULL;
+        }
+        give_exception(exc);
+        return NULL;
+    }
+    Py_DECREF(exc);
+    if (reported < 0) {
+        Py_DECREF(closed);
+        return NULL;
+    }
+    return closed;
+}
+
+/* Dropped while suspended in the original: closed, as a coroutine is. */
+static void
+await_finalize(MeasuredAwait *w)
+{
+    if (w->state != AWAIT_MEASURING || w->running) {
+        return;
+    }
+#if PY_VERSION_HEX >= 0x030C0000
+    PyObject *saved = PyErr_GetRaisedException();
+#else
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+#endif
+    PyObject *closed = await_close(w, NULL);
+    if (closed == NULL) {
+        PyErr_WriteUnraisable((PyObject *)w);
+    }
+    Py_XDECREF(closed);
+#if PY_VERSION_HEX >= 0x030C0000
+    PyErr_SetRaisedException(saved);
+#else
+    PyErr_Restore(type, value, tb);
+#endif
+}
+
+static int
+await_traverse(MeasuredAwait *self, visitproc visit, void *arg)
+{
+    AWAIT_FIELDS(VISIT_FIELD)
+    return 0;
+}
+
+static int
+await_clear(MeasuredAwait *self)
+{
+    AWAIT_FIELDS(CLEAR_FIELD)
+    return 0;
+}
+
+static void
+await_dealloc(MeasuredAwait *self)
+{
+    if (PyObject_CallFinalizerFromDealloc((PyObject *)self) < 0) {
+        return; /* resurrected by its finalizer */
+    }
+    PyObject_GC_UnTrack(self);
+    if (self->weakreflist != NULL) {
+        PyObject_ClearWeakRefs((PyObject *)self);
+    }
+    await_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* Anything not its own (cr_frame, cr_code, __qualname__ ...) is the original coroutine's. */
+static PyObject *
+await_getattro(MeasuredAwait *w, PyObject *name)
+{
+    PyObject *found = PyObject_GenericGetAttr((PyObject *)w, name);
+    if (found != NULL || !PyErr_ExceptionMatches(PyExc_AttributeError)) {
+        return found;
+    }
+    PyErr_Clear();
+    return PyObject_GetAttr(w->inner, name);
+}
+
+static PyObject *
+await_class(MeasuredAwait *w, void *Py_UNUSED(closure))
+{
+    PyTypeObject *type = PyCoro_CheckExact(w->inner) ? Py_TYPE(w->inner) : Py_TYPE(w);
+    return Py_NewRef((PyObject *)type);
+}
+
+static PyObject *
+await_repr(MeasuredAwait *w)
+{
+    if (PyCoro_CheckExact(w->inner)) {
+        return PyObject_Repr(w->inner);
+    }
+    return PyUnicode_FromFormat("<%s object at %p>", Py_TYPE(w)->tp_name, w);
+}
+
+static PyObject *
+await_self(PyObject *self)
+{
+    return Py_NewRef(self);
+}
+
+static PyAsyncMethods await_async = {
+    .am_await = await_self,
+    .am_send = (sendfunc)await_send,
+};
+
+static PyMethodDef await_methods[] = {
+    {"send", (PyCFunction)await_send_method, METH_O, "send(value), as a coroutine's"},
+    {"throw", (PyCFunction)(void (*)(void))await_throw, METH_FASTCALL,
+     "throw(exception), as a coroutine's"},
+    {"close", (PyCFunction)await_close, METH_NOARGS, "close(), as a coroutine's"},
+    {NULL},
+};
+
+static PyGetSetDef await_getset[] = {
+    {"__class__", (getter)await_class, NULL, "the original coroutine's class", NULL},
+    {NULL},
+};
+
+static PyTypeObject MeasuredAwaitType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "asyncdiag._speedups.MeasuredAwait",
+    .tp_doc = "The original __aenter__/__aexit__'s coroutine, measured (see MeasuredDunder).",
+    .tp_basicsize = sizeof(MeasuredAwait),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_traverse = (traverseproc)await_traverse,
+    .tp_clear = (inquiry)await_clear,
+    .tp_dealloc = (destructor)await_dealloc,
+    .tp_finalize = (destructor)await_finalize,
+    .tp_weaklistoffset = offsetof(MeasuredAwait, weakreflist),
+    .tp_as_async = &await_async,
+    .tp_iter = await_self,
+    .tp_iternext = (iternextfunc)await_iternext,
+    .tp_getattro = (getattrofunc)await_getattro,
+    .tp_repr = (reprfunc)await_repr,
+    .tp_methods = await_methods,
+    .tp_getset = await_getset,
+};
+
+/* The call: a MeasuredAwait for the two common cases, the original's own awaitable when not
+ * measuring, the reference's coroutine for anything else. */
+static PyObject *
+dunder_vectorcall(PyObject *op, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    MeasuredDunder *dunder = (MeasuredDunder *)op;
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    if (kwnames != NULL || nargs != (dunder->is_exit ? 4 : 1)) {
+        return PyObject_Vectorcall(dunder->reference, args, nargsf, kwnames);
+    }
+    PyObject *obj = args[0];
+    PyObject *rt = PyDict_GetItemWithError(HELPER(dunder, H_GLOBALS), str_RUNTIME);
+    if (rt == NULL && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (rt == NULL || rt == Py_None || !dunder->active) {
+        return PyObject_Vectorcall(dunder->call, args, nargsf, NULL);
+    }
+    if (dunder->owner != Py_None && (PyObject *)Py_TYPE(obj) != dunder->owner) {
+        return PyObject_Vectorcall(dunder->reference, args, nargsf, NULL);
+    }
+    PyObject *site = dunder->site != Py_None ? Py_NewRef(dunder->site)
+        : PyObject_GetAttr(obj, str_self_site);
+    PyObject *runtime = site == NULL ? NULL : PyObject_GetAttr(site, str_runtime);
+    if (runtime != NULL && runtime != rt) { /* first use under this runtime: bind it */
+        Py_SETREF(runtime, PyObject_CallMethodOneArg(rt, str_bind, site));
+        if (runtime == NULL && internal_error(op) < 0) {
+            Py_DECREF(site);
+            return NULL;
+        }
+    }
+    PyObject *fast = runtime == NULL ? NULL : PyObject_GetAttr(site, str_fast);
+    Py_XDECREF(runtime);
+    if (fast == NULL) {
+        PyErr_Clear(); /* the reference raises what this is, at the await */
+        Py_XDECREF(site);
+        return PyObject_Vectorcall(dunder->reference, args, nargsf, NULL);
+    }
+    Py_DECREF(fast); /* only its identity is compared */
+    PyObject *ops = NULL;
+    if (fast != rt) {
+        PyObject *runtime = PyObject_GetAttr(site, str_runtime);
+        PyObject *tracing = runtime == NULL ? NULL : PyObject_GetAttr(rt, str_tracing);
+        ops = tracing == NULL ? NULL : PyObject_GetAttr(rt, str_blocks);
+        int traced = ops != NULL && runtime == rt && tracing == Py_True
+            && Py_TYPE(ops) == &BlockOpsType;
+        Py_XDECREF(runtime);
+        Py_XDECREF(tracing);
+        if (!traced) {
+            PyErr_Clear();
+            Py_XDECREF(ops);
+            Py_DECREF(site);
+            return PyObject_Vectorcall(dunder->reference, args, nargsf, NULL);
+        }
+    }
+    PyObject *inner = PyObject_Vectorcall(dunder->call, args, nargsf, NULL);
+    MeasuredAwait *w = PyObject_GC_New(MeasuredAwait, &MeasuredAwaitType);
+    if (w == NULL) {
+        Py_XDECREF(inner);
+        Py_XDECREF(ops);
+        Py_DECREF(site);
+        return NULL;
+    }
+    w->dunder = Py_NewRef(op);
+    w->inner = inner;
+    w->obj = Py_NewRef(obj);
+    w->site = site;
+    w->rt = Py_NewRef(rt);
+    w->ops = ops;
+    w->exc_type = dunder->is_exit ? Py_NewRef(args[1]) : NULL;
+    w->task = NULL;
+    w->record = NULL;
+    w->weakreflist = NULL;
+    w->t0 = 0.0;
+    w->cancelling = -1;
+    w->state = AWAIT_NEW;
+    w->running = 0;
+    w->traced = ops != NULL;
+    if (inner == NULL) {
+        /* The original raised when called (a plain def, or arguments it does not take): it
+         * raises now, as it would without asyncdiag, and counts as a failed call. */
+        PyObject *exc = take_exception();
+        w->state = AWAIT_DONE;
+        if (failed_call(w, exc, 0.0) < 0) {
+            Py_DECREF(exc);
+        }
+        else {
+            give_exception(exc);
+        }
+        w->inner = Py_NewRef(Py_None);
+        Py_DECREF(w);
+        return NULL;
+    }
+    PyObject_GC_Track(w);
+    return (PyObject *)w;
+}
+
+static PyObject *
+dunder_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    static char *kwlist[] = {"reference", "call", "site", "owner", "is_exit", "check_cancel",
+                             "helpers", NULL};
+    PyObject *reference, *call, *site, *owner, *helpers;
+    int is_exit, check_cancel;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOppO!:MeasuredDunder", kwlist,
+                                     &reference, &call, &site, &owner, &is_exit, &check_cancel,
+                                     &PyTuple_Type, &helpers)) {
+        return NULL;
+    }
+    if (PyTuple_GET_SIZE(helpers) != H_COUNT
+            || !PyDict_Check(PyTuple_GET_ITEM(helpers, H_GLOBALS))
+            || !PyLong_Check(PyTuple_GET_ITEM(helpers, H_MAX_OPEN))) {
+        PyErr_SetString(PyExc_ValueError, "helpers: the _proxies objects, in order");
+        return NULL;
+    }
+    if (owner != Py_None && !PyType_Check(owner)) {
+        PyErr_SetString(PyExc_TypeError, "owner: a class or None");
+        return NULL;
+    }
+    MeasuredDunder *self = (MeasuredDunder *)type->tp_alloc(type, 0);
+    if (self == NULL) {
+        return NULL;
+    }
+    self->vectorcall = dunder_vectorcall;
+    self->reference = Py_NewRef(reference);
+    self->call = Py_NewRef(call);
+    self->site = Py_NewRef(site);
+    self->owner = Py_NewRef(owner);
+    self->helpers = Py_NewRef(helpers);
+    self->is_exit = (char)is_exit;
+    self->check_cancel = (char)check_cancel;
+    self->active = 1;
+    return (PyObject *)self;
+}
+
+/* Bound like a function: a method of the instance. */
+static PyObject *
+dunder_get(PyObject *self, PyObject *obj, PyObject *Py_UNUSED(type))
+{
+    if (obj == NULL || obj == Py_None) {
+        return Py_NewRef(self);
+    }
+    return PyMethod_New(self, obj);
+}
+
+static int
+is_own_attribute(PyObject *name)
+{
+    return PyUnicode_Check(name) && (PyUnicode_Compare(name, str_reference) == 0
+                                     || PyUnicode_Compare(name, str_active) == 0);
+}
+
+/* Every attribute but its own two is the reference function's. */
+static PyObject *
+dunder_getattro(MeasuredDunder *self, PyObject *name)
+{
+    if (is_own_attribute(name)) {
+        return PyObject_GenericGetAttr((PyObject *)self, name);
+    }
+    return PyObject_GetAttr(self->reference, name);
+}
+
+static int
+dunder_setattro(MeasuredDunder *self, PyObject *name, PyObject *value)
+{
+    if (is_own_attribute(name)) {
+        return PyObject_GenericSetAttr((PyObject *)self, name, value);
+    }
+    return PyObject_SetAttr(self->reference, name, value);
+}
+
+static PyObject *
+dunder_repr(MeasuredDunder *self)
+{
+    return PyObject_Repr(self->reference);
+}
+
+static PyMemberDef dunder_members[] = {
+    {"reference", T_OBJECT, offsetof(MeasuredDunder, reference), READONLY,
+     "the Python wrapper this stands for"},
+    {"active", T_BOOL, offsetof(MeasuredDunder, active), 0, "measuring (else passing through)"},
+    {NULL},
+};
+
+static PyTypeObject MeasuredDunderType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "asyncdiag._speedups.MeasuredDunder",
+    .tp_doc = "An instrumented __aenter__/__aexit__ (see _proxies.make_cm_methods, whose "
+              "Python function it stands for).",
+    .tp_basicsize = sizeof(MeasuredDunder),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL
+        | Py_TPFLAGS_METHOD_DESCRIPTOR,
+    .tp_new = dunder_new,
+    .tp_call = PyVectorcall_Call,
+    .tp_vectorcall_offset = offsetof(MeasuredDunder, vectorcall),
+    .tp_traverse = (traverseproc)dunder_traverse,
+    .tp_clear = (inquiry)dunder_clear,
+    .tp_dealloc = (destructor)dunder_dealloc,
+    .tp_descr_get = dunder_get,
+    .tp_getattro = (getattrofunc)dunder_getattro,
+    .tp_setattro = (setattrofunc)dunder_setattro,
+    .tp_repr = (reprfunc)dunder_repr,
+    .tp_members = dunder_members,
+};
+
+
 static PyMethodDef speedups_functions[] = {
     {"record_since", (PyCFunction)(void (*)(void))record_since, METH_FASTCALL,
      "Append perf_counter() - t0 to a metrics series, folding it when full; "
@@ -1108,12 +2203,35 @@ PyInit__speedups(void)
     INTERN(str_maxlen, "maxlen");
     INTERN(str_max_value_len, "max_value_len");
     INTERN(str_end_time, "_end_time");
+    INTERN(str_RUNTIME, "RUNTIME");
+    INTERN(str_bind, "bind");
+    INTERN(str_self_site, "_self_site");
+    INTERN(str_fast, "fast");
+    INTERN(str_runtime, "runtime");
+    INTERN(str_tracing, "tracing");
+    INTERN(str_blocks, "blocks");
+    INTERN(str_enter, "enter");
+    INTERN(str_exit_ok, "exit_ok");
+    INTERN(str_with_span, "with_span");
+    INTERN(str_subject, "subject");
+    INTERN(str_slow_teardown, "slow_teardown");
+    INTERN(str_cancelling, "cancelling");
+    INTERN(str_task, "task");
+    INTERN(str_enter_duration, "enter_duration");
+    INTERN(str_ok, "ok");
+    INTERN(str_throw, "throw");
+    INTERN(str_close, "close");
+    INTERN(str_value, "value");
+    INTERN(str_gi_code, "gi_code");
+    INTERN(str_reference, "reference");
+    INTERN(str_active, "active");
 #ifdef ASYNCDIAG_RUNNING_LOOP
     INTERN(str_running_loop_key, "__asyncio_running_event_loop__");
 #endif
 #undef INTERN
     if (PyType_Ready(&FirstIterHookType) < 0 || PyType_Ready(&BlockType) < 0
-            || PyType_Ready(&BlockOpsType) < 0 || PyType_Ready(&CountedBaseType) < 0) {
+            || PyType_Ready(&BlockOpsType) < 0 || PyType_Ready(&CountedBaseType) < 0
+            || PyType_Ready(&MeasuredDunderType) < 0 || PyType_Ready(&MeasuredAwaitType) < 0) {
         return NULL;
     }
 #ifdef ASYNCDIAG_RUNNING_LOOP
@@ -1148,6 +2266,18 @@ PyInit__speedups(void)
     Py_INCREF(&CountedBaseType);
     if (PyModule_AddObject(module, "CountedBase", (PyObject *)&CountedBaseType) < 0) {
         Py_DECREF(&CountedBaseType);
+        Py_DECREF(module);
+        return NULL;
+    }
+    Py_INCREF(&MeasuredDunderType);
+    if (PyModule_AddObject(module, "MeasuredDunder", (PyObject *)&MeasuredDunderType) < 0) {
+        Py_DECREF(&MeasuredDunderType);
+        Py_DECREF(module);
+        return NULL;
+    }
+    Py_INCREF(&MeasuredAwaitType);
+    if (PyModule_AddObject(module, "MeasuredAwait", (PyObject *)&MeasuredAwaitType) < 0) {
+        Py_DECREF(&MeasuredAwaitType);
         Py_DECREF(module);
         return NULL;
     }
