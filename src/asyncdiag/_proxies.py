@@ -711,8 +711,10 @@ def make_cm_methods(
     if _MeasuredDunder is not None:
         helpers = _dunder_helpers()
         installed[:] = [
-            _MeasuredDunder(__aenter__, call_enter, site, owner, False, False, helpers),
-            _MeasuredDunder(__aexit__, call_exit, site, owner, True, check_cancel, helpers),
+            _MeasuredDunder(__aenter__, call_enter, site, owner, False, False, helpers,
+                            installed),
+            _MeasuredDunder(__aexit__, call_exit, site, owner, True, check_cancel, helpers,
+                            installed),
         ]
     return installed[0], installed[1]
 

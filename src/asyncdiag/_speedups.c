@@ -1132,12 +1132,12 @@ enum {
     H_COUNT
 };
 
-static PyObject *str_RUNTIME, *str_bind, *str_self_site, *str_fast, *str_runtime, *str_tracing,
+static PyObject *str_RUNTIME, *str_bind, *str_aenter, *str_aexit, *str_self_site, *str_fast, *str_runtime, *str_tracing,
     *str_blocks, *str_enter, *str_exit_ok, *str_with_span, *str_subject, *str_slow_teardown,
     *str_cancelling, *str_task, *str_enter_duration, *str_ok, *str_throw, *str_close,
     *str_value, *str_gi_code, *str_reference, *str_active;
 
-#define DUNDER_FIELDS(X) X(reference) X(call) X(site) X(owner) X(helpers)
+#define DUNDER_FIELDS(X) X(reference) X(call) X(site) X(owner) X(helpers) X(pair)
 
 typedef struct {
     PyObject_HEAD
@@ -1148,6 +1148,8 @@ typedef struct {
                           reference's check_cancel) */
     char active;       /* cleared by the reference's disable() */
 } MeasuredDunder;
+
+/* pair: the list [__aenter__, __aexit__] as patched on owner (this one and its partner). */
 
 GC_FUNCTIONS(dunder, MeasuredDunder, DUNDER_FIELDS)
 
@@ -1975,7 +1977,16 @@ dunder_vectorcall(PyObject *op, PyObject *const *args, size_t nargsf, PyObject *
         return PyObject_Vectorcall(dunder->call, args, nargsf, NULL);
     }
     if (dunder->owner != Py_None && (PyObject *)Py_TYPE(obj) != dunder->owner) {
-        return PyObject_Vectorcall(dunder->reference, args, nargsf, NULL);
+        /* A subclass's instance: measured when `async with` finds this pair on its class, as
+         * for the owner's; passed through when the subclass overrides one of the two and
+         * reaches this one through super(), so that one block is measured once. */
+        PyObject *enter = _PyType_Lookup(Py_TYPE(obj), str_aenter); /* borrowed */
+        PyObject *leave = _PyType_Lookup(Py_TYPE(obj), str_aexit);
+        if (!PyList_Check(dunder->pair) || PyList_GET_SIZE(dunder->pair) != 2
+                || enter != PyList_GET_ITEM(dunder->pair, 0)
+                || leave != PyList_GET_ITEM(dunder->pair, 1)) {
+            return PyObject_Vectorcall(dunder->call, args, nargsf, NULL);
+        }
     }
     PyObject *site = dunder->site != Py_None ? Py_NewRef(dunder->site)
         : PyObject_GetAttr(obj, str_self_site);
@@ -2057,12 +2068,12 @@ static PyObject *
 dunder_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
 {
     static char *kwlist[] = {"reference", "call", "site", "owner", "is_exit", "check_cancel",
-                             "helpers", NULL};
-    PyObject *reference, *call, *site, *owner, *helpers;
+                             "helpers", "pair", NULL};
+    PyObject *reference, *call, *site, *owner, *helpers, *pair;
     int is_exit, check_cancel;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOppO!:MeasuredDunder", kwlist,
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOppO!O!:MeasuredDunder", kwlist,
                                      &reference, &call, &site, &owner, &is_exit, &check_cancel,
-                                     &PyTuple_Type, &helpers)) {
+                                     &PyTuple_Type, &helpers, &PyList_Type, &pair)) {
         return NULL;
     }
     if (PyTuple_GET_SIZE(helpers) != H_COUNT
@@ -2085,6 +2096,7 @@ dunder_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
     self->site = Py_NewRef(site);
     self->owner = Py_NewRef(owner);
     self->helpers = Py_NewRef(helpers);
+    self->pair = Py_NewRef(pair);
     self->is_exit = (char)is_exit;
     self->check_cancel = (char)check_cancel;
     self->active = 1;
@@ -2205,6 +2217,8 @@ PyInit__speedups(void)
     INTERN(str_end_time, "_end_time");
     INTERN(str_RUNTIME, "RUNTIME");
     INTERN(str_bind, "bind");
+    INTERN(str_aenter, "__aenter__");
+    INTERN(str_aexit, "__aexit__");
     INTERN(str_self_site, "_self_site");
     INTERN(str_fast, "fast");
     INTERN(str_runtime, "runtime");
