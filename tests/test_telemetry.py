@@ -497,6 +497,34 @@ def test_no_value_is_lost_when_collection_races_the_recording_thread(
     assert point.sum == pytest.approx(total * 0.0003)
 
 
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.lists(
+        st.one_of(st.sampled_from((*_names.DURATION_BUCKETS, 0.0)),
+                  st.floats(min_value=0, max_value=30, allow_nan=False),
+                  st.floats(min_value=-1e-9, max_value=1e-9)),
+        min_size=1, max_size=300,
+    ), min_size=1, max_size=4),
+)
+def test_the_c_fold_adds_what_the_python_fold_adds(batches: list[list[float]]) -> None:
+    """The same counts per bucket (values on a bound included), min and max; the same sum up
+    to the order of the additions."""
+    fold_c = pytest.importorskip("asyncdiag._speedups").fold_into
+    assert _telemetry._fold_into is fold_c
+    bounds = _names.DURATION_BUCKETS
+    by_c, by_python = _telemetry._new_point(), _telemetry._new_point()
+    for batch in batches:
+        fold_c(by_c, list(batch), bounds)
+        _telemetry._fold_into_python(by_python, list(batch), bounds)
+    nbuckets = len(bounds) + 1
+    assert by_c[:nbuckets] == by_python[:nbuckets]
+    assert all(type(count) is int for count in by_c[:nbuckets])
+    assert by_c[nbuckets] == pytest.approx(by_python[nbuckets], rel=1e-12, abs=1e-15)
+    assert by_c[nbuckets + 1:] == by_python[nbuckets + 1:]
+    with pytest.raises(TypeError):
+        fold_c(by_c, ["not a number"], bounds)
+
+
 @pytest.mark.parametrize("implementation", ["c", "python"])
 def test_record_since_appends_the_elapsed_time_and_folds_when_full(implementation: str) -> None:
     if implementation == "c":

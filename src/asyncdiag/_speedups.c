@@ -4,6 +4,7 @@
  *   FirstIterHook   the asyncgen tracker's first-iteration hook   (_asyncgens, this part below)
  *   running_loop    3.10/3.11 running-loop lookup without getpid() (_loops)
  *   record_since    one awaited duration into a metrics series     (_telemetry)
+ *   fold_into       a series' durations into its histogram point   (_telemetry)
  *   BlockOps, Block a traced async with's bookkeeping              (_proxies._open_span...)
  *   CountedBase     counted generator requests                     (_proxies._CountedRequests)
  *   MeasuredDunder, an instrumented __aenter__/__aexit__ without    (_proxies.make_cm_methods)
@@ -36,6 +37,7 @@
 #include <Python.h>
 #include <frameobject.h>
 #include <structmember.h>
+#include <math.h>
 /* running_loop() below: 3.10/3.11, where asyncio checks the pid (not on Windows, which has no
  * fork and whose holder has no pid). */
 #if PY_VERSION_HEX < 0x030C0000 && !defined(MS_WINDOWS)
@@ -556,6 +558,100 @@ record_duration(PyObject *series, double t0)
         Py_DECREF(folded);
     }
     return duration;
+}
+
+/* fold_into(point, values, bounds): _telemetry._fold_into_python's work, without sorting.
+ *
+ * point is a histogram point, [count per bucket (len(bounds) + 1), sum, min, max, ...];
+ * buckets are upper-inclusive (value v goes to the first bucket whose bound is >= v, past the
+ * last bound to the last bucket). The Python version sorts the values and bisects once per
+ * bound, about 900 instructions per value on 3.11 amortized; this does one binary search per
+ * value over the bounds as doubles, and adds each bucket's count to the point once. The sum
+ * is added in the values' order (the Python version sums them sorted). */
+#define MAX_BOUNDS 64
+
+static PyObject *
+fold_into(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3 || !PyList_Check(args[0]) || !PyList_Check(args[1])
+            || !PyTuple_Check(args[2])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "fold_into(point: list, values: list, bounds: tuple)");
+        return NULL;
+    }
+    PyObject *point = args[0], *values = args[1], *bounds = args[2];
+    Py_ssize_t nbounds = PyTuple_GET_SIZE(bounds);
+    if (nbounds > MAX_BOUNDS || PyList_GET_SIZE(point) < nbounds + 4) {
+        PyErr_SetString(PyExc_ValueError, "fold_into: a point of len(bounds) + 4 entries, "
+                        "at most 64 bounds");
+        return NULL;
+    }
+    double bound[MAX_BOUNDS];
+    Py_ssize_t counts[MAX_BOUNDS + 1] = {0};
+    for (Py_ssize_t i = 0; i < nbounds; i++) {
+        bound[i] = PyFloat_AsDouble(PyTuple_GET_ITEM(bounds, i));
+        if (bound[i] == -1.0 && PyErr_Occurred()) {
+            return NULL;
+        }
+    }
+    Py_ssize_t n = PyList_GET_SIZE(values);
+    if (n == 0) {
+        Py_RETURN_NONE;
+    }
+    double total = 0.0, low = INFINITY, high = -INFINITY;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        double v = PyFloat_AsDouble(PyList_GET_ITEM(values, i));
+        if (v == -1.0 && PyErr_Occurred()) {
+            return NULL;
+        }
+        Py_ssize_t lo = 0, hi = nbounds; /* the first bound >= v */
+        while (lo < hi) {
+            Py_ssize_t mid = (lo + hi) / 2;
+            if (bound[mid] < v) {
+                lo = mid + 1;
+            }
+            else {
+                hi = mid;
+            }
+        }
+        counts[lo]++;
+        total += v;
+        low = v < low ? v : low;
+        high = v > high ? v : high;
+    }
+    for (Py_ssize_t i = 0; i <= nbounds; i++) {
+        if (counts[i] == 0) {
+            continue;
+        }
+        PyObject *add = PyLong_FromSsize_t(counts[i]);
+        PyObject *sum = add == NULL ? NULL : PyNumber_Add(PyList_GET_ITEM(point, i), add);
+        Py_XDECREF(add);
+        if (sum == NULL || PyList_SetItem(point, i, sum) < 0) {
+            return NULL;
+        }
+    }
+    PyObject *add = PyFloat_FromDouble(total);
+    PyObject *sum = add == NULL ? NULL
+        : PyNumber_Add(PyList_GET_ITEM(point, nbounds + 1), add);
+    Py_XDECREF(add);
+    if (sum == NULL || PyList_SetItem(point, nbounds + 1, sum) < 0) {
+        return NULL;
+    }
+    double seen[2] = {low, high};
+    for (int k = 0; k < 2; k++) {
+        Py_ssize_t at = nbounds + 2 + k;
+        double current = PyFloat_AsDouble(PyList_GET_ITEM(point, at));
+        if (current == -1.0 && PyErr_Occurred()) {
+            return NULL;
+        }
+        if (k == 0 ? seen[k] < current : seen[k] > current) {
+            PyObject *value = PyFloat_FromDouble(seen[k]);
+            if (value == NULL || PyList_SetItem(point, at, value) < 0) {
+                return NULL;
+            }
+        }
+    }
+    Py_RETURN_NONE;
 }
 
 static PyObject *
@@ -2175,6 +2271,8 @@ static PyTypeObject MeasuredDunderType = {
 
 
 static PyMethodDef speedups_functions[] = {
+    {"fold_into", (PyCFunction)(void (*)(void))fold_into, METH_FASTCALL,
+     "Add a list of durations to a histogram point (counts per bucket, sum, min, max)."},
     {"record_since", (PyCFunction)(void (*)(void))record_since, METH_FASTCALL,
      "Append perf_counter() - t0 to a metrics series, folding it when full; "
      "return the duration."},

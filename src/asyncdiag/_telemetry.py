@@ -129,23 +129,38 @@ else:
     record_since = _record_since_c
 
 
-def _fold_into(point: list[float], values: list[float]) -> None:
-    """Add ``values`` to ``point``: buckets are upper-inclusive, as OpenTelemetry's explicit
-    buckets are (value v goes to the first bucket whose bound is >= v)."""
+def _fold_into_python(point: list[float], values: list[float], bounds: tuple[float, ...],
+                      ) -> None:
+    """Add ``values`` to ``point`` (``len(bounds) + 1`` bucket counts, then sum, min, max):
+    buckets are upper-inclusive, as OpenTelemetry's explicit buckets are (value v goes to the
+    first bucket whose bound is >= v)."""
     values.sort()
     below = 0
-    for index, bound in enumerate(_BOUNDS):
+    for index, bound in enumerate(bounds):
         upto = bisect_right(values, bound, below)
         if upto != below:
             point[index] += upto - below
             below = upto
+    last = len(bounds)
     if below != len(values):
-        point[_NBUCKETS - 1] += len(values) - below
-    point[_SUM] += sum(values)
-    if values[0] < point[_MIN]:
-        point[_MIN] = values[0]
-    if values[-1] > point[_MAX]:
-        point[_MAX] = values[-1]
+        point[last] += len(values) - below
+    point[last + 1] += sum(values)
+    if values[0] < point[last + 2]:
+        point[last + 2] = values[0]
+    if values[-1] > point[last + 3]:
+        point[last + 3] = values[-1]
+
+
+# Every series' values go through this when it fills up (every 256 durations): in C when the
+# extension is built (no sort; about 900 instructions less per duration on 3.11), else the
+# function above.
+_fold_into: Callable[[list[float], list[float], tuple[float, ...]], None]
+try:
+    from ._speedups import fold_into as _fold_into_c
+except ImportError:  # built without a C compiler
+    _fold_into = _fold_into_python
+else:
+    _fold_into = _fold_into_c
 
 
 class _Histogram:
@@ -212,7 +227,7 @@ class _Histogram:
         del series[:count]
         sink = self.sink
         if sink is None:
-            _fold_into(series.point, values)
+            _fold_into(series.point, values, _BOUNDS)
         else:
             attributes = series.attributes
             for value in values:
