@@ -259,6 +259,7 @@ def use_python_hot_paths() -> None:
     _proxies._COUNTED = _proxies._CountedPython
     _proxies._COUNT_BY_CALL = sys.version_info >= (3, 12)
     _proxies._record_since = _telemetry._record_since_python
+    _telemetry._fold_into = _telemetry._fold_into_python
     _proxies._get_running_loop = asyncio.events._get_running_loop
 
 
