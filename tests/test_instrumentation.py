@@ -1373,6 +1373,41 @@ def test_uninstall_between_the_call_and_the_first_step_leaves_the_original_alone
     assert otel.points(_names.CONTEXT_ENTER_DURATION.name) == []
 
 
+@pytest.mark.parametrize("sampled", [False, True], ids=["metrics", "traced"])
+def test_an_internal_error_is_logged_once_and_measuring_stops(
+    loop_factory: Callable[[], asyncio.AbstractEventLoop], modules: Modules, sampled: bool,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """asyncdiag's own failure (here: a threshold that cannot be compared with a duration)
+    inside a wrapper: logged once, the block still returns what it returns, and every wrapper
+    passes through from then on."""
+    name = modules.write(SEED)
+    log: list[Any] = []
+    with otel_for(sampled=sampled) as otel:
+        otel.install(f"{name}:Resource")
+        mod = importlib.import_module(name)
+        runtime = _proxies.RUNTIME
+        assert runtime is not None
+        runtime.slow_teardown = "not a number"  # type: ignore[assignment]
+
+        async def main() -> list[Any]:
+            entered = []
+            for i in range(3):
+                async with mod.Resource(f"r{i}", log) as res:
+                    entered.append(res.name)
+            return entered
+
+        assert run_on(loop_factory, main()) == ["r0", "r1", "r2"]
+        assert _proxies.RUNTIME is None
+        assert len(log) == 6
+        errors = [r for r in caplog.records if "internal error in instrumentation" in
+                  r.getMessage()]
+        assert len(errors) == 1 and isinstance(errors[0].exc_info[1], TypeError)
+        # The first block's enter and exit were recorded before the comparison failed.
+        assert [p.count for p in otel.points(_names.CONTEXT_ENTER_DURATION.name)] == [1]
+        assert _exit_outcomes(otel) == {"ok": 1}
+
+
 def test_orphaned_generator_span_ends_when_collected(
     loop_factory: Callable[[], asyncio.AbstractEventLoop], modules: Modules, otel: Otel,
 ) -> None:

@@ -54,7 +54,8 @@ class Instrumentation:
     # -- component ------------------------------------------------------------------------
     def start(self, agent: Agent) -> None:
         global _ACTIVE
-        _proxies.RUNTIME = _proxies.Runtime(agent.telemetry, agent.config.slow_teardown_threshold)
+        _proxies.set_runtime(
+            _proxies.Runtime(agent.telemetry, agent.config.slow_teardown_threshold))
         self._active = True
         self._agent = agent
         agent.loops.subscribe(on_run=self._retry_deferred)
@@ -95,7 +96,8 @@ class Instrumentation:
 
     def stop(self) -> None:
         global _ACTIVE
-        runtime, _proxies.RUNTIME = _proxies.RUNTIME, None
+        runtime = _proxies.RUNTIME
+        _proxies.set_runtime(None)
         if runtime is not None:
             _proxies.end_all_open(runtime)
         if self._agent is not None:

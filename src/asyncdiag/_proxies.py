@@ -45,10 +45,12 @@ _record_since = _telemetry.record_since
 _Block: Any = None
 _BlockOps: Any = None
 _MeasuredDunder: Any = None
+_set_c_runtime: Callable[[Any], None] | None = None
 try:
     from ._speedups import Block as _Block
     from ._speedups import BlockOps as _BlockOps
     from ._speedups import MeasuredDunder as _MeasuredDunder
+    from ._speedups import set_runtime as _set_c_runtime
 except ImportError:  # built without a C compiler: the Python path below does it all
     pass
 
@@ -172,10 +174,17 @@ class Runtime:
 RUNTIME: Runtime | None = None
 
 
+def set_runtime(runtime: Runtime | None) -> None:
+    """The one way ``RUNTIME`` changes: the C extension keeps a copy that its wrappers read."""
+    global RUNTIME
+    RUNTIME = runtime
+    if _set_c_runtime is not None:
+        _set_c_runtime(runtime)
+
+
 def failed(exc: BaseException) -> None:
     """An internal error: log once, and stop measuring (wrappers pass through from now on)."""
-    global RUNTIME
-    RUNTIME = None
+    set_runtime(None)
     _safety.hook_failed(HOOK_NAME, exc)
 
 
@@ -722,7 +731,7 @@ def make_cm_methods(
 def _dunder_helpers() -> tuple[Any, ...]:
     """What ``_speedups.MeasuredDunder`` calls and reads, in the order it expects."""
     return (
-        globals(), failed, _enter_failed, _exit_failed, _ok_exit_findings, _exited,
+        failed, _enter_failed, _exit_failed, _ok_exit_findings, _exited,
         _end_with_span, _open_span, _push_open, _get_running_loop, _loops.TASK_SOURCE, MAX_OPEN,
     )
 

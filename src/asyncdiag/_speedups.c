@@ -506,6 +506,62 @@ running_loop(PyObject *module, PyObject *Py_UNUSED(ignored))
  * series is a _telemetry.Series (a list). The clock is perf_counter's own. */
 static PyObject *str_limit, *str_histogram, *str_fold;
 
+/* ---- Reading __slots__ attributes -------------------------------------------------------
+ *
+ * The hot paths read a few attributes of asyncdiag's own objects (Site, Runtime, Series, all
+ * with __slots__) on every operation. PyObject_GetAttr costs about 200 instructions apiece on
+ * 3.13 (80 on 3.11); read_slot remembers, per attribute, the slot's offset in the last type it
+ * was read from, and reads it there directly while that type is unchanged (same version tag,
+ * generic attribute lookup, a plain T_OBJECT_EX member: exactly what getattr would return).
+ * Anything else, or an unset slot, goes to PyObject_GetAttr. */
+typedef struct {
+    PyObject **name;
+    PyTypeObject *type; /* strong; NULL until a lookup found a slot */
+    unsigned int version;
+    Py_ssize_t offset;
+} SlotCache;
+
+static unsigned int
+version_of(PyTypeObject *type)
+{
+#if PY_VERSION_HEX < 0x030C0000
+    if (!PyType_HasFeature(type, Py_TPFLAGS_VALID_VERSION_TAG)) {
+        return 0;
+    }
+#endif
+    return type->tp_version_tag;
+}
+
+static PyObject *
+read_slot(PyObject *obj, SlotCache *cache)
+{
+    PyTypeObject *type = Py_TYPE(obj);
+    if (type == cache->type && cache->version != 0 && version_of(type) == cache->version) {
+        PyObject *value = *(PyObject **)((char *)obj + cache->offset);
+        if (value != NULL) {
+            return Py_NewRef(value);
+        }
+    }
+    else if (type->tp_getattro == PyObject_GenericGetAttr) {
+        PyObject *descr = _PyType_Lookup(type, *cache->name); /* borrowed; sets the tag */
+        if (descr != NULL && Py_TYPE(descr) == &PyMemberDescr_Type
+                && ((PyMemberDescrObject *)descr)->d_member->type == T_OBJECT_EX
+                && version_of(type) != 0) {
+            Py_XSETREF(cache->type, (PyTypeObject *)Py_NewRef((PyObject *)type));
+            cache->version = version_of(type);
+            cache->offset = ((PyMemberDescrObject *)descr)->d_member->offset;
+        }
+    }
+    return PyObject_GetAttr(obj, *cache->name);
+}
+
+static PyObject *str_runtime, *str_fast, *str_enter, *str_exit_ok, *str_with_span, *str_subject,
+    *str_slow_teardown, *str_tracing, *str_blocks;
+#define SLOT(attribute) static SlotCache slot_##attribute = {&str_##attribute, NULL, 0, 0};
+SLOT(limit) SLOT(runtime) SLOT(fast) SLOT(enter) SLOT(exit_ok) SLOT(with_span) SLOT(subject)
+SLOT(slow_teardown) SLOT(tracing) SLOT(blocks)
+#undef SLOT
+
 /* perf_counter() in seconds. */
 static int
 perf_now(double *seconds)
@@ -535,7 +591,7 @@ record_duration(PyObject *series, double t0)
         Py_XDECREF(duration);
         return NULL;
     }
-    PyObject *limit = PyObject_GetAttr(series, str_limit);
+    PyObject *limit = read_slot(series, &slot_limit);
     if (limit == NULL) {
         Py_DECREF(duration);
         return NULL;
@@ -1210,9 +1266,20 @@ static PyTypeObject CountedBaseType = {
  * coroutine's class and attributes (cr_frame, cr_code, __qualname__ ...).
  */
 
+/* _proxies.RUNTIME, as _proxies.set_runtime last set it (strong; NULL for None): read on
+ * every call, where a lookup in the module's globals cost a dict probe (350 instructions a
+ * call on 3.13). */
+static PyObject *current_runtime = NULL;
+
+static PyObject *
+set_runtime(PyObject *module, PyObject *runtime)
+{
+    Py_XSETREF(current_runtime, runtime == Py_None ? NULL : Py_NewRef(runtime));
+    Py_RETURN_NONE;
+}
+
 /* The _proxies objects both types use, in one tuple, in this order. */
 enum {
-    H_GLOBALS,          /* _proxies' globals: RUNTIME is read there */
     H_FAILED,           /* failed(internal) */
     H_ENTER_FAILED,     /* _enter_failed(rt, site, record, exc, duration) */
     H_EXIT_FAILED,      /* _exit_failed(rt, site, record, exc, duration, task, frame) */
@@ -1228,8 +1295,7 @@ enum {
     H_COUNT
 };
 
-static PyObject *str_RUNTIME, *str_bind, *str_aenter, *str_aexit, *str_self_site, *str_fast, *str_runtime, *str_tracing,
-    *str_blocks, *str_enter, *str_exit_ok, *str_with_span, *str_subject, *str_slow_teardown,
+static PyObject *str_bind, *str_aenter, *str_aexit, *str_self_site,
     *str_cancelling, *str_task, *str_enter_duration, *str_ok, *str_throw, *str_close,
     *str_value, *str_gi_code, *str_reference, *str_active;
 
@@ -1468,7 +1534,7 @@ finish_ok(MeasuredAwait *w, PyObject *result)
     MeasuredDunder *dunder = (MeasuredDunder *)w->dunder;
     PyObject *series = NULL, *duration = NULL, *done = NULL;
     if (!dunder->is_exit || w->exc_type == Py_None) {
-        series = PyObject_GetAttr(w->site, dunder->is_exit ? str_exit_ok : str_enter);
+        series = read_slot(w->site, dunder->is_exit ? &slot_exit_ok : &slot_enter);
         if (series == NULL) {
             goto error;
         }
@@ -1487,7 +1553,7 @@ finish_ok(MeasuredAwait *w, PyObject *result)
         }
     }
     else if (w->exc_type == Py_None) {
-        PyObject *limit = PyObject_GetAttr(w->rt, str_slow_teardown);
+        PyObject *limit = read_slot(w->rt, &slot_slow_teardown);
         int slow = limit == NULL ? -1
             : PyObject_RichCompareBool(duration, limit, Py_GT);
         Py_XDECREF(limit);
@@ -1510,7 +1576,7 @@ finish_ok(MeasuredAwait *w, PyObject *result)
             Py_CLEAR(done);
         }
         if (w->record != NULL && w->record != Py_None) {
-            PyObject *subject = PyObject_GetAttr(w->site, str_subject);
+            PyObject *subject = read_slot(w->site, &slot_subject);
             if (subject == NULL) {
                 goto error;
             }
@@ -1567,12 +1633,7 @@ static int
 start(MeasuredAwait *w)
 {
     MeasuredDunder *dunder = (MeasuredDunder *)w->dunder;
-    PyObject *rt = PyDict_GetItemWithError(HELPER(dunder, H_GLOBALS), str_RUNTIME);
-    if (rt != w->rt) { /* uninstalled (or failed) since the call: only the original */
-        if (rt == NULL && PyErr_Occurred()) {
-            w->state = AWAIT_DONE;
-            return -1;
-        }
+    if (current_runtime != w->rt) { /* uninstalled (or failed) since the call: the original */
         PyObject *it = await_iter(w->inner);
         if (it == NULL) {
             w->state = AWAIT_DONE;
@@ -1621,7 +1682,7 @@ start(MeasuredAwait *w)
         }
     }
     else if (w->traced) {
-        PyObject *name = PyObject_GetAttr(w->site, str_with_span);
+        PyObject *name = read_slot(w->site, &slot_with_span);
         if (name != NULL) {
             PyObject *args[2] = {name, w->obj};
             w->record = blockops_open((BlockOps *)w->ops, args, 2);
@@ -2065,11 +2126,8 @@ dunder_vectorcall(PyObject *op, PyObject *const *args, size_t nargsf, PyObject *
         return PyObject_Vectorcall(dunder->reference, args, nargsf, kwnames);
     }
     PyObject *obj = args[0];
-    PyObject *rt = PyDict_GetItemWithError(HELPER(dunder, H_GLOBALS), str_RUNTIME);
-    if (rt == NULL && PyErr_Occurred()) {
-        return NULL;
-    }
-    if (rt == NULL || rt == Py_None || !dunder->active) {
+    PyObject *rt = current_runtime;
+    if (rt == NULL || !dunder->active) {
         return PyObject_Vectorcall(dunder->call, args, nargsf, NULL);
     }
     if (dunder->owner != Py_None && (PyObject *)Py_TYPE(obj) != dunder->owner) {
@@ -2086,7 +2144,7 @@ dunder_vectorcall(PyObject *op, PyObject *const *args, size_t nargsf, PyObject *
     }
     PyObject *site = dunder->site != Py_None ? Py_NewRef(dunder->site)
         : PyObject_GetAttr(obj, str_self_site);
-    PyObject *runtime = site == NULL ? NULL : PyObject_GetAttr(site, str_runtime);
+    PyObject *runtime = site == NULL ? NULL : read_slot(site, &slot_runtime);
     if (runtime != NULL && runtime != rt) { /* first use under this runtime: bind it */
         Py_SETREF(runtime, PyObject_CallMethodOneArg(rt, str_bind, site));
         if (runtime == NULL && internal_error(op) < 0) {
@@ -2094,7 +2152,7 @@ dunder_vectorcall(PyObject *op, PyObject *const *args, size_t nargsf, PyObject *
             return NULL;
         }
     }
-    PyObject *fast = runtime == NULL ? NULL : PyObject_GetAttr(site, str_fast);
+    PyObject *fast = runtime == NULL ? NULL : read_slot(site, &slot_fast);
     Py_XDECREF(runtime);
     if (fast == NULL) {
         PyErr_Clear(); /* the reference raises what this is, at the await */
@@ -2104,9 +2162,9 @@ dunder_vectorcall(PyObject *op, PyObject *const *args, size_t nargsf, PyObject *
     Py_DECREF(fast); /* only its identity is compared */
     PyObject *ops = NULL;
     if (fast != rt) {
-        PyObject *runtime = PyObject_GetAttr(site, str_runtime);
-        PyObject *tracing = runtime == NULL ? NULL : PyObject_GetAttr(rt, str_tracing);
-        ops = tracing == NULL ? NULL : PyObject_GetAttr(rt, str_blocks);
+        PyObject *runtime = read_slot(site, &slot_runtime);
+        PyObject *tracing = runtime == NULL ? NULL : read_slot(rt, &slot_tracing);
+        ops = tracing == NULL ? NULL : read_slot(rt, &slot_blocks);
         int traced = ops != NULL && runtime == rt && tracing == Py_True
             && Py_TYPE(ops) == &BlockOpsType;
         Py_XDECREF(runtime);
@@ -2173,7 +2231,6 @@ dunder_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
         return NULL;
     }
     if (PyTuple_GET_SIZE(helpers) != H_COUNT
-            || !PyDict_Check(PyTuple_GET_ITEM(helpers, H_GLOBALS))
             || !PyLong_Check(PyTuple_GET_ITEM(helpers, H_MAX_OPEN))) {
         PyErr_SetString(PyExc_ValueError, "helpers: the _proxies objects, in order");
         return NULL;
@@ -2271,6 +2328,8 @@ static PyTypeObject MeasuredDunderType = {
 
 
 static PyMethodDef speedups_functions[] = {
+    {"set_runtime", set_runtime, METH_O,
+     "The instrumentation's current Runtime (None when off), as _proxies.RUNTIME."},
     {"fold_into", (PyCFunction)(void (*)(void))fold_into, METH_FASTCALL,
      "Add a list of durations to a histogram point (counts per bucket, sum, min, max)."},
     {"record_since", (PyCFunction)(void (*)(void))record_since, METH_FASTCALL,
@@ -2313,7 +2372,6 @@ PyInit__speedups(void)
     INTERN(str_maxlen, "maxlen");
     INTERN(str_max_value_len, "max_value_len");
     INTERN(str_end_time, "_end_time");
-    INTERN(str_RUNTIME, "RUNTIME");
     INTERN(str_bind, "bind");
     INTERN(str_aenter, "__aenter__");
     INTERN(str_aexit, "__aexit__");

@@ -22,6 +22,9 @@ class FirstIterHook:
 def running_loop() -> Any:
     """asyncio's ``_get_running_loop()`` without ``getpid()`` (3.10/3.11, not Windows)."""
 
+def set_runtime(runtime: Any, /) -> None:
+    """The instrumentation's current Runtime (None when off), as ``_proxies.RUNTIME``."""
+
 def fold_into(point: list[float], values: list[float], bounds: tuple[float, ...], /) -> None:
     """Add durations to a histogram point: counts per upper-inclusive bucket, sum, min, max."""
 
