@@ -526,6 +526,47 @@ class LetsItOut:
             (_names.SWALLOWED_CANCELLATION, f"{name}.CatchesDuringClose")]
 
 
+def test_a_cancellation_requested_by_an_exit_that_never_suspends_is_not_its_to_swallow(
+    loop_factory: Callable[[], asyncio.AbstractEventLoop], modules: Modules, otel: Otel,
+    hot_paths: str,
+) -> None:
+    """An __aexit__ that cancels its own task and returns without suspending: the
+    CancelledError is delivered at the task's next await, outside __aexit__, so nothing was
+    swallowed there. The C path reads the count after the exit only when it suspended; the
+    Python fallback reads it every time and reports it (documented)."""
+    name = modules.write('''
+import asyncio
+
+class CancelsItsTask:
+    async def __aenter__(self):
+        return self
+    async def __aexit__(self, exc_type, exc, tb):
+        asyncio.current_task().cancel()
+        if exc_type is KeyError:
+            await asyncio.sleep(0)  # never taken: the exit can suspend, so the count is read
+''')
+    otel.install(f"{name}:CancelsItsTask")
+    mod = importlib.import_module(name)
+
+    async def main() -> str:
+        async with mod.CancelsItsTask():
+            pass
+        try:
+            await asyncio.sleep(1)
+        except asyncio.CancelledError:
+            return "cancelled at the next await"
+        return "not cancelled"
+
+    assert run_on(loop_factory, main()) == "cancelled at the next await"
+    reported = [f for f in asyncdiag.findings() if f.kind == _names.SWALLOWED_CANCELLATION]
+    if not PY311:
+        assert reported == []  # 3.10 has no Task.cancelling(): nothing is read
+    elif hot_paths == "c-hot-paths":
+        assert reported == []
+    else:
+        assert len(reported) == 1
+
+
 def test_slow_teardown_of_aexit_and_of_aclose(
     loop_factory: Callable[[], asyncio.AbstractEventLoop], modules: Modules, otel: Otel,
     record_since: str,

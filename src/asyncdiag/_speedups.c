@@ -1199,14 +1199,15 @@ counted_asend(CountedBase *self, PyObject *value)
     return timed;
 }
 
+/* __aiter__, __await__, __iter__ of an object that is its own iterator. */
 static PyObject *
-counted_aiter(PyObject *self)
+return_self(PyObject *self)
 {
     return Py_NewRef(self);
 }
 
 static PyAsyncMethods counted_async = {
-    .am_aiter = counted_aiter,
+    .am_aiter = return_self,
     .am_anext = (unaryfunc)counted_anext,
 };
 
@@ -1325,9 +1326,10 @@ typedef struct {
     AWAIT_FIELDS(DECLARE_FIELD)
     PyObject *weakreflist;
     double t0;
-    long cancelling; /* the task's count before the call; -1: not known */
+    long cancelling; /* the task's count before the call; -1: not known, or not needed */
     char state;      /* AWAIT_*: PASSING only delegates (RUNTIME changed before the first step) */
     char running;    /* inside a step of inner: a re-entrant call only delegates */
+    char suspended;  /* inner has yielded (to the loop) at least once */
     char traced;
 } MeasuredAwait;
 
@@ -1757,7 +1759,14 @@ after_step(MeasuredAwait *w, PySendResult r, PyObject **result)
 {
     w->running = 0;
     if (r == PYGEN_NEXT || w->state != AWAIT_MEASURING) {
+        w->suspended |= r == PYGEN_NEXT;
         return r;
+    }
+    if (!w->suspended) {
+        /* A cancellation is delivered only where a coroutine suspends: one that never did
+         * cannot have caught one, whatever the count says now (a count raised by the code
+         * itself is delivered at its next suspension, outside), so it is not read again. */
+        w->cancelling = -1;
     }
     if (r == PYGEN_RETURN) {
         int ok = finish_ok(w, *result);
@@ -2071,14 +2080,8 @@ await_repr(MeasuredAwait *w)
     return PyUnicode_FromFormat("<%s object at %p>", Py_TYPE(w)->tp_name, w);
 }
 
-static PyObject *
-await_self(PyObject *self)
-{
-    return Py_NewRef(self);
-}
-
 static PyAsyncMethods await_async = {
-    .am_await = await_self,
+    .am_await = return_self,
     .am_send = (sendfunc)await_send,
 };
 
@@ -2107,7 +2110,7 @@ static PyTypeObject MeasuredAwaitType = {
     .tp_finalize = (destructor)await_finalize,
     .tp_weaklistoffset = offsetof(MeasuredAwait, weakreflist),
     .tp_as_async = &await_async,
-    .tp_iter = await_self,
+    .tp_iter = return_self,
     .tp_iternext = (iternextfunc)await_iternext,
     .tp_getattro = (getattrofunc)await_getattro,
     .tp_repr = (reprfunc)await_repr,
@@ -2198,6 +2201,7 @@ dunder_vectorcall(PyObject *op, PyObject *const *args, size_t nargsf, PyObject *
     w->cancelling = -1;
     w->state = AWAIT_NEW;
     w->running = 0;
+    w->suspended = 0;
     w->traced = ops != NULL;
     if (inner == NULL) {
         /* The original raised when called (a plain def, or arguments it does not take): it
