@@ -9,7 +9,10 @@ Transparency rules followed throughout:
 * the original method's awaitable is awaited exactly once, with the same arguments, and its
   result (or exception object) is handed back unchanged;
 * our own frame is removed from the traceback of an exception that passed through it (on
-  3.11+, where a bare ``raise`` keeps the edited traceback; 3.10 keeps one extra frame);
+  3.11+, where a bare ``raise`` keeps the edited traceback; 3.10 keeps one extra frame). With
+  the C extension the patched ``__aenter__``/``__aexit__`` add no frame at all: they are
+  ``_speedups.MeasuredDunder`` objects standing for the functions ``make_cm_methods`` makes,
+  which remain the reference and the path of every uncommon case;
 * native async generators cannot be patched, so the generator function is wrapped and what it
   returns is a ``wrapt.ObjectProxy`` (``isinstance``/``inspect.isasyncgen`` answer as for the
   generator). ``async for`` over the proxy drives a native delegating generator, so that an
