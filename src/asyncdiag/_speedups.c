@@ -2403,11 +2403,6 @@ PyInit__speedups(void)
     INTERN(str_running_loop_key, "__asyncio_running_event_loop__");
 #endif
 #undef INTERN
-    if (PyType_Ready(&FirstIterHookType) < 0 || PyType_Ready(&BlockType) < 0
-            || PyType_Ready(&BlockOpsType) < 0 || PyType_Ready(&CountedBaseType) < 0
-            || PyType_Ready(&MeasuredDunderType) < 0 || PyType_Ready(&MeasuredAwaitType) < 0) {
-        return NULL;
-    }
 #ifdef ASYNCDIAG_RUNNING_LOOP
     refresh_pid();
     if (pthread_atfork(NULL, NULL, refresh_pid) != 0) {
@@ -2419,41 +2414,14 @@ PyInit__speedups(void)
     if (module == NULL) {
         return NULL;
     }
-    Py_INCREF(&FirstIterHookType);
-    if (PyModule_AddObject(module, "FirstIterHook", (PyObject *)&FirstIterHookType) < 0) {
-        Py_DECREF(&FirstIterHookType);
-        Py_DECREF(module);
-        return NULL;
-    }
-    Py_INCREF(&BlockType);
-    if (PyModule_AddObject(module, "Block", (PyObject *)&BlockType) < 0) {
-        Py_DECREF(&BlockType);
-        Py_DECREF(module);
-        return NULL;
-    }
-    Py_INCREF(&BlockOpsType);
-    if (PyModule_AddObject(module, "BlockOps", (PyObject *)&BlockOpsType) < 0) {
-        Py_DECREF(&BlockOpsType);
-        Py_DECREF(module);
-        return NULL;
-    }
-    Py_INCREF(&CountedBaseType);
-    if (PyModule_AddObject(module, "CountedBase", (PyObject *)&CountedBaseType) < 0) {
-        Py_DECREF(&CountedBaseType);
-        Py_DECREF(module);
-        return NULL;
-    }
-    Py_INCREF(&MeasuredDunderType);
-    if (PyModule_AddObject(module, "MeasuredDunder", (PyObject *)&MeasuredDunderType) < 0) {
-        Py_DECREF(&MeasuredDunderType);
-        Py_DECREF(module);
-        return NULL;
-    }
-    Py_INCREF(&MeasuredAwaitType);
-    if (PyModule_AddObject(module, "MeasuredAwait", (PyObject *)&MeasuredAwaitType) < 0) {
-        Py_DECREF(&MeasuredAwaitType);
-        Py_DECREF(module);
-        return NULL;
+    /* Each under the last part of its tp_name (PyModule_AddType readies it first). */
+    PyTypeObject *types[] = {&FirstIterHookType, &BlockType, &BlockOpsType, &CountedBaseType,
+                             &MeasuredDunderType, &MeasuredAwaitType};
+    for (size_t i = 0; i < sizeof(types) / sizeof(types[0]); i++) {
+        if (PyModule_AddType(module, types[i]) < 0) {
+            Py_DECREF(module);
+            return NULL;
+        }
     }
     return module;
 }
