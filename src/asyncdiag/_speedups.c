@@ -727,11 +727,12 @@ record_since(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 
 /* ---- Traced blocks --------------------------------------------------------------------------
  *
- * The common case of a traced `async with` (a task is running), in C: the bookkeeping around the SDK's own calls is most of what a
- * traced block adds over the SDK's span, and as Python bytecode it cost about as much again
- * as the span's own Python code. The Python versions in _proxies (_open_span, _Open,
- * _pop_open, _end_with_span) are the reference, the fallback, and what every other case
- * uses; they read and write Block records as they do _Open ones (the same attributes).
+ * The common case of a traced `async with` (a task is running), in C: the bookkeeping around
+ * the SDK's own calls is most of what a traced block adds over the SDK's span, and as Python
+ * bytecode it cost about as much again as the span's own Python code. The Python versions in
+ * _proxies (_open_span, _Open, _pop_open, _end_with_span) are the reference, the fallback, and
+ * what every other case uses; they read and write Block records as they do _Open ones (the
+ * same attributes).
  *
  *   open(name, obj) -> Block, None (not sampled), or NotImplemented (no running task: the
  *                      Python path)
@@ -829,17 +830,19 @@ GC_FUNCTIONS(blockops, BlockOps, BLOCKOPS_FIELDS)
 static PyObject *str_end, *str_attributes_attr, *str_dict_attr, *str_maxlen, *str_max_value_len,
     *str_end_time;
 
+/* The running task (new reference; None outside a loop or a task): running_loop() is
+ * _loops.running_loop, source _loops.TASK_SOURCE (see running_task_of). */
 static PyObject *
-current_task_of(BlockOps *self)
+current_task(PyObject *running_loop, PyObject *source)
 {
-    PyObject *loop = PyObject_CallNoArgs(self->running_loop);
+    PyObject *loop = PyObject_CallNoArgs(running_loop);
     if (loop == NULL) {
         return NULL;
     }
     if (loop == Py_None) {
         return loop;
     }
-    PyObject *task = running_task_of(self->task_of, loop);
+    PyObject *task = running_task_of(source, loop);
     Py_DECREF(loop);
     return task;
 }
@@ -851,7 +854,7 @@ blockops_open(BlockOps *self, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "open(name, obj)");
         return NULL;
     }
-    PyObject *task = current_task_of(self);
+    PyObject *task = current_task(self->running_loop, self->task_of);
     if (task == NULL) {
         return NULL;
     }
@@ -1510,23 +1513,28 @@ push_record(MeasuredAwait *w, PyObject *duration)
     return done;
 }
 
+/* task.cancelling() into *count: 0, or -1 with the error raised. */
+static int
+cancel_count(PyObject *task, long *count)
+{
+    PyObject *now = PyObject_CallMethodNoArgs(task, str_cancelling);
+    if (now == NULL) {
+        return -1;
+    }
+    *count = PyLong_AsLong(now);
+    Py_DECREF(now);
+    return *count == -1 && PyErr_Occurred() ? -1 : 0;
+}
+
 /* Whether the task's cancellation count went up during the call (1), not (0), or error. */
 static int
 cancelled_inside(MeasuredAwait *w)
 {
+    long count;
     if (w->cancelling < 0) {
         return 0;
     }
-    PyObject *now = PyObject_CallMethodNoArgs(w->task, str_cancelling);
-    if (now == NULL) {
-        return -1;
-    }
-    long count = PyLong_AsLong(now);
-    Py_DECREF(now);
-    if (count == -1 && PyErr_Occurred()) {
-        return -1;
-    }
-    return count > w->cancelling;
+    return cancel_count(w->task, &count) < 0 ? -1 : count > w->cancelling;
 }
 
 /* The original returned result. 0, or -1 with an exception of ours that goes out instead. */
@@ -1629,6 +1637,20 @@ error:
     return internal_error(w->dunder);
 }
 
+/* From now on only the original's awaitable, iterated as `await` does (state PASSING): 0, or
+ * -1 with the error raised and the state unchanged. */
+static int
+pass_through(MeasuredAwait *w)
+{
+    PyObject *it = await_iter(w->inner);
+    if (it == NULL) {
+        return -1;
+    }
+    Py_SETREF(w->inner, it);
+    w->state = AWAIT_PASSING;
+    return 0;
+}
+
 /* The first step: what the reference does before its `await`. 0 (state MEASURING, or
  * PASSING), or -1 with the exception to raise (state DONE). */
 static int
@@ -1636,43 +1658,22 @@ start(MeasuredAwait *w)
 {
     MeasuredDunder *dunder = (MeasuredDunder *)w->dunder;
     if (current_runtime != w->rt) { /* uninstalled (or failed) since the call: the original */
-        PyObject *it = await_iter(w->inner);
-        if (it == NULL) {
-            w->state = AWAIT_DONE;
-            return -1;
-        }
-        Py_SETREF(w->inner, it);
-        w->state = AWAIT_PASSING;
-        return 0;
+        goto pass;
     }
     if (dunder->is_exit) {
         int traced_open = w->traced && PyDict_GET_SIZE(((BlockOps *)w->ops)->opened);
         if (dunder->check_cancel || traced_open) {
-            PyObject *loop = PyObject_CallNoArgs(HELPER(dunder, H_RUNNING_LOOP));
-            if (loop == NULL) {
-                goto internal;
-            }
-            w->task = loop == Py_None ? Py_NewRef(Py_None)
-                : running_task_of(HELPER(dunder, H_TASK_SOURCE), loop);
-            Py_DECREF(loop);
+            w->task = current_task(HELPER(dunder, H_RUNNING_LOOP), HELPER(dunder, H_TASK_SOURCE));
             if (w->task == NULL) {
                 goto internal;
             }
-            if (dunder->check_cancel && w->task != Py_None) {
-                PyObject *count = PyObject_CallMethodNoArgs(w->task, str_cancelling);
-                if (count == NULL) {
-                    if (!PyErr_ExceptionMatches(PyExc_AttributeError)) {
-                        goto internal;
-                    }
-                    PyErr_Clear(); /* a Task-like object without cancelling() */
+            if (dunder->check_cancel && w->task != Py_None
+                    && cancel_count(w->task, &w->cancelling) < 0) {
+                w->cancelling = -1;
+                if (!PyErr_ExceptionMatches(PyExc_AttributeError)) {
+                    goto internal;
                 }
-                else {
-                    w->cancelling = PyLong_AsLong(count);
-                    Py_DECREF(count);
-                    if (w->cancelling == -1 && PyErr_Occurred()) {
-                        goto internal;
-                    }
-                }
+                PyErr_Clear(); /* a Task-like object without cancelling() */
             }
             if (traced_open) {
                 PyObject *args[2] = {w->obj, w->task};
@@ -1729,13 +1730,11 @@ internal:
         w->state = AWAIT_DONE;
         return -1;
     }
-    it = await_iter(w->inner);
-    if (it == NULL) {
+pass:
+    if (pass_through(w) < 0) {
         w->state = AWAIT_DONE;
         return -1;
     }
-    Py_SETREF(w->inner, it);
-    w->state = AWAIT_PASSING;
     return 0;
 }
 
@@ -1922,12 +1921,9 @@ await_throw(MeasuredAwait *w, PyObject *const *args, Py_ssize_t nargs)
             measurement_over(w);
             return throw_into(w->inner, args, nargs);
         }
-        PyObject *it = await_iter(w->inner);
-        if (it == NULL) {
+        if (pass_through(w) < 0) {
             return NULL;
         }
-        Py_SETREF(w->inner, it);
-        w->state = AWAIT_PASSING;
     }
     if (w->running || w->state != AWAIT_MEASURING) {
         return throw_into(w->inner, args, nargs);
