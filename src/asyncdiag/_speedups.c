@@ -2114,6 +2114,53 @@ static PyTypeObject MeasuredAwaitType = {
     .tp_getset = await_getset,
 };
 
+enum { PATH_ERROR = -1, PATH_REFERENCE, PATH_METRICS, PATH_TRACED };
+
+/* How a call whose site is site is measured under rt: PATH_METRICS (site.fast is rt: metrics
+ * only), PATH_TRACED (*ops set to rt.blocks, a BlockOps), PATH_REFERENCE (any other case, or an
+ * attribute that cannot be read, its error left raised) or PATH_ERROR. A site first used under
+ * rt is bound to it (may_bind), then looked at again. The common case reads one slot. */
+static int
+measuring_path(PyObject *op, PyObject *site, PyObject *rt, PyObject **ops, int may_bind)
+{
+    PyObject *fast = read_slot(site, &slot_fast);
+    if (fast == NULL) {
+        return PATH_REFERENCE;
+    }
+    Py_DECREF(fast); /* only identities are compared: rt and the site hold these */
+    if (fast == rt) {
+        return PATH_METRICS;
+    }
+    PyObject *runtime = read_slot(site, &slot_runtime);
+    if (runtime == NULL) {
+        return PATH_REFERENCE;
+    }
+    Py_DECREF(runtime);
+    if (runtime != rt) {
+        if (!may_bind) {
+            return PATH_REFERENCE;
+        }
+        PyObject *bound = PyObject_CallMethodOneArg(rt, str_bind, site);
+        if (bound == NULL) {
+            return internal_error(op) < 0 ? PATH_ERROR : PATH_REFERENCE;
+        }
+        Py_DECREF(bound);
+        return measuring_path(op, site, rt, ops, 0);
+    }
+    PyObject *tracing = read_slot(rt, &slot_tracing);
+    PyObject *blocks = tracing == NULL ? NULL : read_slot(rt, &slot_blocks);
+    Py_XDECREF(tracing);
+    if (blocks == NULL) {
+        return PATH_REFERENCE;
+    }
+    if (tracing == Py_True && Py_TYPE(blocks) == &BlockOpsType) {
+        *ops = blocks;
+        return PATH_TRACED;
+    }
+    Py_DECREF(blocks);
+    return PATH_REFERENCE;
+}
+
 /* The call: a MeasuredAwait for the two common cases, the original's own awaitable when not
  * measuring, the reference's coroutine for anything else. */
 static PyObject *
@@ -2143,37 +2190,15 @@ dunder_vectorcall(PyObject *op, PyObject *const *args, size_t nargsf, PyObject *
     }
     PyObject *site = dunder->site != Py_None ? Py_NewRef(dunder->site)
         : PyObject_GetAttr(obj, str_self_site);
-    PyObject *runtime = site == NULL ? NULL : read_slot(site, &slot_runtime);
-    if (runtime != NULL && runtime != rt) { /* first use under this runtime: bind it */
-        Py_SETREF(runtime, PyObject_CallMethodOneArg(rt, str_bind, site));
-        if (runtime == NULL && internal_error(op) < 0) {
-            Py_DECREF(site);
+    PyObject *ops = NULL;
+    int path = site == NULL ? PATH_REFERENCE : measuring_path(op, site, rt, &ops, 1);
+    if (path != PATH_METRICS && path != PATH_TRACED) {
+        Py_XDECREF(site);
+        if (path == PATH_ERROR) {
             return NULL;
         }
-    }
-    PyObject *fast = runtime == NULL ? NULL : read_slot(site, &slot_fast);
-    Py_XDECREF(runtime);
-    if (fast == NULL) {
-        PyErr_Clear(); /* the reference raises what this is, at the await */
-        Py_XDECREF(site);
+        PyErr_Clear(); /* a site that cannot be read: the reference raises it, at the await */
         return PyObject_Vectorcall(dunder->reference, args, nargsf, NULL);
-    }
-    Py_DECREF(fast); /* only its identity is compared */
-    PyObject *ops = NULL;
-    if (fast != rt) {
-        PyObject *runtime = read_slot(site, &slot_runtime);
-        PyObject *tracing = runtime == NULL ? NULL : read_slot(rt, &slot_tracing);
-        ops = tracing == NULL ? NULL : read_slot(rt, &slot_blocks);
-        int traced = ops != NULL && runtime == rt && tracing == Py_True
-            && Py_TYPE(ops) == &BlockOpsType;
-        Py_XDECREF(runtime);
-        Py_XDECREF(tracing);
-        if (!traced) {
-            PyErr_Clear();
-            Py_XDECREF(ops);
-            Py_DECREF(site);
-            return PyObject_Vectorcall(dunder->reference, args, nargsf, NULL);
-        }
     }
     PyObject *inner = PyObject_Vectorcall(dunder->call, args, nargsf, NULL);
     MeasuredAwait *w = PyObject_GC_New(MeasuredAwait, &MeasuredAwaitType);
