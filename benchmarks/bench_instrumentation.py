@@ -254,12 +254,10 @@ def use_python_hot_paths() -> None:
 
     from asyncdiag import _proxies, _telemetry
 
-    _proxies._MeasuredDunder = None
-    _proxies._BlockOps = None
-    _proxies._COUNTED = _proxies._CountedPython
-    _proxies._COUNT_BY_CALL = sys.version_info >= (3, 12)
+    for owner, name, value in _proxies.python_hot_paths():
+        setattr(owner, name, value)
+    # The tests compare these two with their C versions in their own fixtures.
     _proxies._record_since = _telemetry._record_since_python
-    _telemetry._fold_into = _telemetry._fold_into_python
     _proxies._get_running_loop = asyncio.events._get_running_loop
 
 

@@ -27,23 +27,12 @@ def run_on(
 
 def use_python_hot_paths(monkeypatch: Any) -> None:
     """Instrument with the Python references of the C extension's hot paths, as where it is not
-    built: ``make_cm_methods``' functions themselves on the class (not ``MeasuredDunder``),
-    the sorting fold of durations (not ``fold_into``), ``_open_span``... for traced blocks
-    (not ``BlockOps``), ``_CountedRequests`` (and on 3.10/3.11 the delegating generator) for
-    generator requests."""
-    import sys
+    built (``_proxies.python_hot_paths``: ``make_cm_methods``' functions, the sorting fold,
+    ``_open_span``..., ``_CountedRequests``)."""
+    from asyncdiag import _proxies
 
-    from asyncdiag import _proxies, _telemetry
-
-    monkeypatch.setattr(_proxies, "_MeasuredDunder", None)
-    monkeypatch.setattr(_telemetry, "_fold_into", _telemetry._fold_into_python)
-    monkeypatch.setattr(_proxies, "_BlockOps", None)
-    monkeypatch.setattr(_proxies, "_COUNTED", _proxies._CountedPython)
-    monkeypatch.setattr(_proxies, "_COUNT_BY_CALL", sys.version_info >= (3, 12))
-    # AsyncCMProxy's pair was made at import: put the Python functions they stand for there.
-    for name in ("__aenter__", "__aexit__"):
-        method = vars(_proxies.AsyncCMProxy)[name]
-        monkeypatch.setattr(_proxies.AsyncCMProxy, name, getattr(method, "reference", method))
+    for owner, name, value in _proxies.python_hot_paths():
+        monkeypatch.setattr(owner, name, value)
 
 
 def assert_c_hot_paths() -> None:

@@ -1379,3 +1379,21 @@ class InstrumentedFunction(_FunctionWrapper):  # type: ignore[misc]
 
     def __repr__(self) -> str:
         return repr(self.__wrapped__)
+
+
+def python_hot_paths() -> list[tuple[Any, str, Any]]:
+    """``(owner, attribute, value)`` that put the Python reference of each C hot path of the
+    instrumentation in its place, as an install without the C extension runs. The tests and
+    the benchmark set them (before ``install``) to compare the two."""
+    return [
+        (sys.modules[__name__], "_MeasuredDunder", None),  # make_cm_methods' functions
+        (sys.modules[__name__], "_BlockOps", None),  # _open_span, _pop_open, _end_with_span
+        (sys.modules[__name__], "_COUNTED", _CountedPython),
+        # Without the extension, 3.10/3.11 count through the delegating generator.
+        (sys.modules[__name__], "_COUNT_BY_CALL", sys.version_info >= (3, 12)),
+        (_telemetry, "_fold_into", _telemetry._fold_into_python),
+        # AsyncCMProxy's pair was made at import: the Python functions they stand for.
+        *((AsyncCMProxy, name, getattr(vars(AsyncCMProxy)[name], "reference",
+                                       vars(AsyncCMProxy)[name]))
+          for name in ("__aenter__", "__aexit__")),
+    ]
