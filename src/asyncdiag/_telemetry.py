@@ -117,18 +117,6 @@ def _record_since_python(series: Series, t0: float) -> float:
     return duration
 
 
-# The instrumentation's step after every awaited __aenter__/__aexit__ and timed item: in C
-# when the extension is built (one call instead of five Python operations, about 330
-# instructions less per duration on 3.11), else the function above.
-record_since: Callable[[Series, float], float]
-try:
-    from ._speedups import record_since as _record_since_c
-except ImportError:  # built without a C compiler
-    record_since = _record_since_python
-else:
-    record_since = _record_since_c
-
-
 def _fold_into_python(point: list[float], values: list[float], bounds: tuple[float, ...],
                       ) -> None:
     """Add ``values`` to ``point`` (``len(bounds) + 1`` bucket counts, then sum, min, max):
@@ -151,16 +139,21 @@ def _fold_into_python(point: list[float], values: list[float], bounds: tuple[flo
         point[last + 3] = values[-1]
 
 
-# Every series' values go through this when it fills up (every 256 durations): in C when the
-# extension is built (no sort; about 900 instructions less per duration on 3.11), else the
-# function above.
+# In C when the extension is built, else the two functions above:
+# * record_since, the instrumentation's step after every awaited __aenter__/__aexit__ and timed
+#   item (one call instead of five Python operations, about 330 instructions less per
+#   duration on 3.11);
+# * _fold_into, which every series' values go through when it fills up (every 256 durations;
+#   no sort, about 900 instructions less per duration on 3.11).
+record_since: Callable[[Series, float], float]
 _fold_into: Callable[[list[float], list[float], tuple[float, ...]], None]
 try:
     from ._speedups import fold_into as _fold_into_c
+    from ._speedups import record_since as _record_since_c
 except ImportError:  # built without a C compiler
-    _fold_into = _fold_into_python
+    record_since, _fold_into = _record_since_python, _fold_into_python
 else:
-    _fold_into = _fold_into_c
+    record_since, _fold_into = _record_since_c, _fold_into_c
 
 
 class _Histogram:
